@@ -1,0 +1,25 @@
+"""Probes: the hook-based tracer, what it captures, and linear probes on captured activations."""
+
+from __future__ import annotations
+
+from mechscope.probes.hooks import count_hooks, hook_names, hooked
+from mechscope.probes.sites import SITES, hook_for, parse_sites
+from mechscope.probes.trace import Trace, TraceWriter, iter_shards, open_trace
+from mechscope.probes.tracer import TraceConfig, Tracer, tokenize, trace
+
+__all__ = [
+    "SITES",
+    "Trace",
+    "TraceConfig",
+    "TraceWriter",
+    "Tracer",
+    "count_hooks",
+    "hook_for",
+    "hook_names",
+    "hooked",
+    "iter_shards",
+    "open_trace",
+    "parse_sites",
+    "tokenize",
+    "trace",
+]

@@ -1,0 +1,106 @@
+"""The task contract: clean/corrupt token batches with answers and a metric.
+
+Every generator in :mod:`mechscope.tasks` returns a :class:`TaskBatch`. Clean and corrupt rows
+always have the same length (so a corrupt activation can be patched into a clean run position
+by position), the corrupt prompt calls for a different answer, and the same seed gives the same
+batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from mechscope.errors import InputError
+
+MetricKind = Literal["logit_diff", "prob", "logprob"]
+
+
+@dataclass(frozen=True, eq=False)
+class TaskBatch:
+    """A batch of clean/corrupt prompts with the answers they call for.
+
+    Attributes:
+        task: name of the generator (``"induction"``, ``"retrieval"``, ...).
+        clean: clean token ids.
+        corrupt: corrupt token ids, same shape as ``clean``.
+        answer: the token the clean prompt calls for at ``answer_pos``.
+        corrupt_answer: the token the corrupt prompt calls for (the "wrong" answer of a logit
+            difference).
+        answer_pos: the position whose next-token logits are scored, per row.
+        seed: the seed that generated the batch.
+        meta: generator-specific details (depths, spans, names, ...), JSON-serialisable.
+    """
+
+    task: str
+    clean: Int[Tensor, "batch pos"]
+    corrupt: Int[Tensor, "batch pos"]
+    answer: Int[Tensor, " batch"]
+    corrupt_answer: Int[Tensor, " batch"]
+    answer_pos: Int[Tensor, " batch"]
+    seed: int
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.clean.ndim != 2:
+            raise InputError(f"clean must be [batch, pos], got shape {tuple(self.clean.shape)}")
+        if self.clean.shape != self.corrupt.shape:
+            raise InputError(
+                f"clean and corrupt must have the same shape, got {tuple(self.clean.shape)} and "
+                f"{tuple(self.corrupt.shape)}; pad or trim them to equal length"
+            )
+        b = self.clean.shape[0]
+        for name in ("answer", "corrupt_answer", "answer_pos"):
+            t = getattr(self, name)
+            if t.shape != (b,):
+                raise InputError(f"{name} must have shape ({b},), got {tuple(t.shape)}")
+        if b == 0 or self.clean.shape[1] == 0:
+            raise InputError("a task batch needs at least one prompt of at least one token")
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.clean.shape[0])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.clean.shape[1])
+
+    def answer_logits(self, logits: Float[Tensor, "batch pos vocab"]) -> Float[Tensor, "batch vocab"]:
+        """The logits at each row's ``answer_pos``."""
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        return logits[rows, self.answer_pos.to(logits.device)]
+
+    def logit_diff(self, logits: Float[Tensor, "batch pos vocab"]) -> Float[Tensor, " batch"]:
+        """logit(answer) - logit(corrupt_answer) at ``answer_pos``, per row."""
+        last = self.answer_logits(logits)
+        a = last.gather(-1, self.answer.to(last.device)[:, None])[:, 0]
+        c = last.gather(-1, self.corrupt_answer.to(last.device)[:, None])[:, 0]
+        return a - c
+
+    def answer_prob(self, logits: Float[Tensor, "batch pos vocab"]) -> Float[Tensor, " batch"]:
+        """p(answer) at ``answer_pos``, per row."""
+        probs = self.answer_logits(logits).float().softmax(-1)
+        return probs.gather(-1, self.answer.to(probs.device)[:, None])[:, 0]
+
+    def metric(
+        self, logits: Float[Tensor, "batch pos vocab"], kind: MetricKind = "logit_diff"
+    ) -> Float[Tensor, ""]:
+        """The batch mean of a metric: ``logit_diff``, ``prob`` or ``logprob`` of the answer."""
+        if kind == "logit_diff":
+            return self.logit_diff(logits).mean()
+        if kind == "prob":
+            return self.answer_prob(logits).mean()
+        if kind == "logprob":
+            lp = self.answer_logits(logits).float().log_softmax(-1)
+            return lp.gather(-1, self.answer.to(lp.device)[:, None]).mean()
+        raise InputError(f"unknown metric {kind!r}; use 'logit_diff', 'prob' or 'logprob'")
+
+    def accuracy(self, logits: Float[Tensor, "batch pos vocab"]) -> float:
+        """Fraction of rows whose top-1 prediction at ``answer_pos`` is ``answer``."""
+        pred = self.answer_logits(logits).argmax(-1)
+        return float((pred == self.answer.to(pred.device)).float().mean())
