@@ -60,7 +60,9 @@ def models(as_json: JsonFlag = False) -> None:
 @app.command("trace")
 def trace_cmd(
     spec: Annotated[str, typer.Argument(help="Model spec: smollm2, minilm, zoo:NAME, native:..., a path.")],
-    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Prompt text (repeatable).")],
+    prompt: Annotated[list[str] | None, typer.Option("--prompt", "-p", help="Prompt text (repeatable).")] = None,
+    tokens: Annotated[list[str] | None, typer.Option(
+        "--tokens", help="Token ids, comma-separated (repeatable; for models without a tokenizer).")] = None,
     sites: Annotated[str, typer.Option(help="Comma-separated sites.")] = "heads,patterns",
     layers: Annotated[str | None, typer.Option(help="Comma-separated layers (default all).")] = None,
     heads: Annotated[str | None, typer.Option(help="Comma-separated heads (default all).")] = None,
@@ -78,16 +80,20 @@ def trace_cmd(
                          dtype=dtype)
     if out is not None and out.exists():
         raise MechscopeError(f"--out {out} exists; choose a new folder")
+    if bool(prompt) == bool(tokens):
+        raise MechscopeError("give either --prompt TEXT or --tokens IDS (one of them, repeatable)")
+    inputs: list[Any] = list(prompt) if prompt else [list(_ints(t, "tokens") or ()) for t in tokens or []]
+    labels = list(prompt) if prompt else list(tokens or [])
     model = load(spec)
     with Tracer(model, config) as tracer:
-        tr = tracer.run(list(prompt), out_dir=out)
+        tr = tracer.run(inputs, out_dir=out)
     if out is not None:
         from mechscope.probes import open_trace
 
         tr = open_trace(out)
     tok = model.tokenizer
     preds = []
-    for i, p in enumerate(prompt):
+    for i, p in enumerate(labels):
         t = int(tr.top_tokens[i, 0])
         preds.append({"prompt": p, "n_tokens": int(tr.lengths[i]), "next_token_id": t,
                       "next_token": tok.decode([t]) if tok is not None else None,

@@ -45,12 +45,20 @@ def run_demo(config: DemoConfig, store_dir: str | Path, *, progress: bool = True
     t_load = time.time() - t0
     with store.run("demo", config=config, model=model, seed=config.seed) as run:
         t1 = time.time()
-        tr = trace(model, list(config.prompts), sites=config.sites, progress=progress)
+        prompts: list[Any] = list(config.prompts)
+        if model.tokenizer is None:  # zoo/native models: seeded random token prompts
+            gen = torch.Generator().manual_seed(config.seed)
+            n = min(16, int(model.cfg.n_ctx))
+            prompts = torch.randint(1, int(model.cfg.d_vocab), (len(prompts), n), generator=gen)
+        sites = tuple(s for s in config.sites
+                      if not (getattr(model.cfg, "attn_only", False) and s in ("ffn", "ffn_pre")))
+        tr = trace(model, prompts, sites=sites, progress=progress)
         run.time("load", t_load)
         run.time("trace", time.time() - t1)
         tokenizer = model.tokenizer
         rows = []
-        for i, prompt in enumerate(config.prompts):
+        for i, prompt in enumerate(config.prompts if tokenizer is not None else
+                                   [" ".join(map(str, row.tolist())) for row in prompts]):
             top = [tokenizer.decode([int(t)]) if tokenizer is not None else str(int(t))
                    for t in tr.top_tokens[i]]
             rows.append({"prompt": prompt, "n_tokens": int(tr.lengths[i]),

@@ -10,6 +10,7 @@ from typing import Any
 
 from mechscope.errors import (
     ArchitectureError,
+    MechscopeError,
     MissingPackageError,
     OfflineError,
     SpecError,
@@ -63,7 +64,9 @@ def boot_hf_dir(path: Path, *, device: str | None = None, hf_model: Any = None,
                 f"TransformerLens cannot bridge architecture {arch} at {path}: {exc}"
             ) from exc
         raise _bridge_error(path, exc) from exc
-    except (OSError, RuntimeError) as exc:
+    except MechscopeError:
+        raise
+    except Exception as exc:  # safetensors, torch and transformers raise many types here
         raise _bridge_error(path, exc) from exc
 
 
@@ -78,7 +81,9 @@ def boot_gguf_file(path: Path, *, device: str | None = None) -> Any:
         return TransformerBridge.boot_transformers(
             str(path.parent), hf_model=hf_model, tokenizer=tokenizer, device=device
         )
-    except (ValueError, KeyError, NotImplementedError, OSError, RuntimeError) as exc:
+    except MechscopeError:
+        raise
+    except Exception as exc:
         raise _bridge_error(path, exc) from exc
 
 

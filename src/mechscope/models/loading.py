@@ -81,7 +81,7 @@ def _load_minilm(body: str, device: str | None) -> Any:
 
 
 def _load_local(body: str, device: str | None) -> Any:
-    from mechscope.models.hf import boot_hf_dir, boot_gguf_file
+    from mechscope.models.hf import boot_gguf_file, boot_hf_dir
 
     path = Path(body).expanduser()
     if path.is_file() and path.suffix == ".gguf":

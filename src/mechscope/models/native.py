@@ -96,14 +96,13 @@ def boot_native_config(config: dict[str, Any], *, device: str | None = None) -> 
 
 def load_state_strict(model: Any, path: Path) -> None:
     """Load a safetensors state dict into ``model``, asserting every key and shape."""
-    from safetensors import SafetensorsError
     from safetensors.torch import load_file
 
     if not path.is_file():
         raise WeightFileError(f"weight file {path} does not exist")
     try:
         state = load_file(str(path))
-    except (SafetensorsError, OSError, ValueError) as exc:
+    except Exception as exc:  # safetensors raises its own SafetensorError (a RuntimeError-like)
         raise WeightFileError(f"weight file {path} is unreadable or corrupt: {exc}") from exc
     own = model.state_dict()
     missing = sorted(set(own) - set(state))

@@ -166,7 +166,7 @@ def load_smollm2(*, device: str | None = None) -> Any:
     try:
         hf = AutoModelForCausalLM.from_pretrained(str(target), dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(str(target))
-    except (OSError, ValueError, RuntimeError) as exc:
+    except Exception as exc:  # a truncated file raises safetensors' own error type
         log.warning("the SmolLM2 cache at %s is unreadable (%s); rebuilding it", target, exc)
         shutil.rmtree(target, ignore_errors=True)
         target = converted_dir()

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from mechscope.probes.hooks import count_hooks, hook_names, hooked
+from mechscope.probes.linear import LinearProbe, ProbeSweep, features, probe_layers
 from mechscope.probes.sites import SITES, hook_for, parse_sites
 from mechscope.probes.trace import Trace, TraceWriter, iter_shards, open_trace
 from mechscope.probes.tracer import TraceConfig, Tracer, tokenize, trace
 
 __all__ = [
+    "LinearProbe",
+    "ProbeSweep",
+    "features",
+    "probe_layers",
     "SITES",
     "Trace",
     "TraceConfig",

@@ -1,0 +1,36 @@
+"""Contracts of the code base itself: small modules, hooks registered in one module only."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[2] / "src" / "mechscope"
+HOOK_CALLS = re.compile(
+    r"\.(hooks|add_hook|add_perma_hook|run_with_hooks|register_forward_hook|"
+    r"register_forward_pre_hook|register_full_backward_hook)\("
+)
+
+
+def test_no_module_over_600_lines():
+    long = {str(p.relative_to(SRC)): n for p in SRC.rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 600}
+    assert not long, f"modules over 600 lines: {long}"
+
+
+def test_hooks_are_registered_in_one_module_only():
+    offenders = []
+    for path in SRC.rglob("*.py"):
+        if path == SRC / "probes" / "hooks.py":
+            continue
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if HOOK_CALLS.search(line) and not line.lstrip().startswith("#"):
+                offenders.append(f"{path.relative_to(SRC)}:{i}: {line.strip()}")
+    assert not offenders, "hooks must go through mechscope.probes.hooks.hooked:\n" + "\n".join(offenders)
+
+
+def test_no_print_in_the_library():
+    offenders = [f"{p.relative_to(SRC)}:{i}" for p in SRC.rglob("*.py")
+                 for i, line in enumerate(p.read_text().splitlines(), 1)
+                 if re.match(r"\s*print\(", line)]
+    assert not offenders, offenders
