@@ -45,7 +45,7 @@ def run_demo(config: DemoConfig, store_dir: str | Path, *, progress: bool = True
     t_load = time.time() - t0
     with store.run("demo", config=config, model=model, seed=config.seed) as run:
         t1 = time.time()
-        prompts: list[Any] = list(config.prompts)
+        prompts: Any = list(config.prompts)
         if model.tokenizer is None:  # zoo/native models: seeded random token prompts
             gen = torch.Generator().manual_seed(config.seed)
             n = min(16, int(model.cfg.n_ctx))

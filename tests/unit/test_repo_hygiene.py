@@ -34,3 +34,16 @@ def test_no_print_in_the_library():
                  for i, line in enumerate(p.read_text().splitlines(), 1)
                  if re.match(r"\s*print\(", line)]
     assert not offenders, offenders
+
+
+def test_ruff_and_mypy_are_clean():
+    """The linters of pyproject.toml pass over the package, tests and benchmarks."""
+    import shutil
+    import subprocess
+
+    root = SRC.parents[1]
+    for tool, args in (("ruff", ["check", "src", "tests", "benchmarks"]), ("mypy", [])):
+        exe = shutil.which(tool)
+        assert exe, f"{tool} is not installed: pip install -e '.[test]'"
+        proc = subprocess.run([exe, *args], cwd=root, capture_output=True, text=True)
+        assert proc.returncode == 0, f"{tool} found problems:\n{proc.stdout[-3000:]}{proc.stderr[-1000:]}"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from jaxtyping import TypeCheckError
 
 from mechscope.errors import InputError
 from mechscope.tasks import (
@@ -354,7 +355,8 @@ def test_ioi_lists(bert):
     assert len(default_ioi_lists().names) >= 20
     with pytest.raises(InputError, match="single tokens"):
         ioi(bert, 2, lists=replace(default_ioi_lists(), names=("Xyzzyqx", "Qwrtplk")))
-    with pytest.raises(InputError, match="pattern"):
+    # Under the test-time type checker a wrong Literal is a TypeCheckError; without it, InputError.
+    with pytest.raises((InputError, TypeCheckError), match="pattern"):
         ioi(bert, 2, pattern="AB")  # type: ignore[arg-type]
     with pytest.raises(InputError, match="no IOI list file"):
         load_ioi_lists(DATA / "missing")

@@ -88,7 +88,7 @@ def boot_native_config(config: dict[str, Any], *, device: str | None = None) -> 
         close = {u: [k for k in known if u.lower() in k.lower()][:3] for u in unknown}
         raise SpecError(f"unknown native config fields {unknown} (close names: {close})")
     try:
-        model = TransformerBridge.boot_native(dict(config), device=device)
+        model = TransformerBridge.boot_native(dict(config), device=device)  # type: ignore[attr-defined]
     except (ValueError, TypeError, AssertionError) as exc:
         raise SpecError(f"TransformerLens cannot build this native config {config}: {exc}") from exc
     return model.eval()

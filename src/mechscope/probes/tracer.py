@@ -76,7 +76,8 @@ class TraceConfig:
             raise InputError("positions=() captures nothing; pass None for all positions")
 
 
-Prompts = str | Sequence[str] | Int[Tensor, "batch pos"] | Sequence[Sequence[int]]
+# Token ids are an integer [batch, pos] tensor; any other tensor gets a clear InputError.
+Prompts = str | Sequence[str] | Tensor | Sequence[Sequence[int]]
 
 
 def tokenize(model: Any, prompts: Prompts, *, pad_id: int | None = None
