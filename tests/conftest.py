@@ -20,19 +20,46 @@ TINY_ATTN = (
 )
 
 
+_LIBRARY_DIRS = ("transformer_lens", os.sep + "torch" + os.sep, "transformers")
+
+
 @pytest.fixture(autouse=True)
 def no_hook_leaks(monkeypatch: pytest.MonkeyPatch):
-    """Fail the test if any hook point it touched still holds a hook when it ends."""
+    """Fail the test if it leaves a hook behind on any model.
+
+    Two nets: every TransformerLens hook point that received a hook during the test must be empty
+    at its end, and every raw torch module hook registered during the test (outside
+    TransformerLens's and torch's own internals, which keep a few permanent ones) must be gone.
+    """
+    import sys
+
     from transformer_lens.hook_points import HookPoint
 
     touched: list[weakref.ref] = []
-    original = HookPoint.add_hook
+    module_hooks: list[tuple[weakref.ref, str, int]] = []
+    original_add = HookPoint.add_hook
 
     def recording_add_hook(self, *args, **kwargs):
         touched.append(weakref.ref(self))
-        return original(self, *args, **kwargs)
+        return original_add(self, *args, **kwargs)
 
     monkeypatch.setattr(HookPoint, "add_hook", recording_add_hook)
+
+    def wrap(method_name: str, store_name: str):
+        original = getattr(torch.nn.Module, method_name)
+
+        def recording(self, *args, **kwargs):
+            handle = original(self, *args, **kwargs)
+            caller = sys._getframe(1).f_code.co_filename
+            if not any(d in caller for d in _LIBRARY_DIRS):
+                module_hooks.append((weakref.ref(self), store_name, handle.id))
+            return handle
+
+        monkeypatch.setattr(torch.nn.Module, method_name, recording)
+
+    wrap("register_forward_hook", "_forward_hooks")
+    wrap("register_forward_pre_hook", "_forward_pre_hooks")
+    wrap("register_full_backward_hook", "_backward_hooks")
     yield
     leaks = []
     for ref in touched:
@@ -40,6 +67,11 @@ def no_hook_leaks(monkeypatch: pytest.MonkeyPatch):
         if hp is not None and (hp.fwd_hooks or hp.bwd_hooks):
             leaks.append(hp.name)
             hp.remove_hooks("both", including_permanent=True)
+    for ref, store_name, hook_id in module_hooks:
+        module = ref()
+        if module is not None and hook_id in getattr(module, store_name):
+            leaks.append(f"{type(module).__name__}.{store_name}")
+            getattr(module, store_name).pop(hook_id)
     global_hooks = len(torch.nn.modules.module._global_forward_hooks)
     assert not leaks, f"test left hooks attached on {sorted(set(leaks))}"
     assert global_hooks == 0, "test left a global torch forward hook"
