@@ -1,15 +1,28 @@
-"""Full zoo training reproduces the shipped checkpoint (minutes per recipe; run on demand).
+"""Full zoo training reproduces the shipped checkpoint (about 5-15 minutes per recipe).
 
-    pytest tests/real/test_zoo_train.py -m slow
+Too long for CI's budget, so it runs only when asked for:
+
+    MECHSCOPE_FULL_ZOO_TRAIN=1 python -m pytest tests/real/test_zoo_train.py
+
+CI exercises training for a few steps (tests/unit/test_zoo.py); the shipped cards record the
+seconds and accuracy of the full runs.
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 
 from mechscope.models.zoo import RECIPES, train_zoo, zoo_card, zoo_names
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        os.environ.get("MECHSCOPE_FULL_ZOO_TRAIN") != "1",
+        reason="full zoo retraining takes minutes per model; set MECHSCOPE_FULL_ZOO_TRAIN=1",
+    ),
+]
 
 
 @pytest.mark.parametrize("name", [n for n in sorted(RECIPES) if n in zoo_names()])

@@ -1,0 +1,136 @@
+"""The zoo: small models trained by mechscope on tasks whose mechanism is known.
+
+Each checkpoint lives in ``checkpoints/<name>/``:
+
+- ``config.json``: the ``TransformerBridgeConfig`` fields given to ``TransformerBridge.boot_native``;
+- ``model.safetensors``: the bridge's ``state_dict()`` (loaded strictly: every key and shape);
+- ``card.json``: task, recipe (all hyper-parameters and the seed), accuracy on fresh samples,
+  the known mechanism, how it was verified, and the circuit heads with the rule that defines them;
+- ``card.md``: the same card for people;
+- ``ground_truth.json``: per-head scores and the exhaustive activation-patching effect table.
+
+``mechscope zoo train <name>`` regenerates every file of a checkpoint from its recipe
+(:func:`train_zoo`, recipes in :data:`RECIPES`). Submodules: ``recipes`` (the table), ``data``
+(training streams and evaluation batches), ``train`` (the loop), ``truth`` (ground truth: head
+scores, TransformerLens activation patching, circuit rule, ablations), ``cards`` (card files).
+
+Caveat: a checkpoint is only as good as its ground truth; read ``card.md`` for what was verified.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mechscope.errors import SpecError, WeightFileError
+
+CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
+
+
+@dataclass(frozen=True)
+class ZooCard:
+    """What a zoo checkpoint is: read from its ``card.json``."""
+
+    name: str
+    task: str
+    description: str
+    accuracy: float
+    circuit_heads: tuple[tuple[int, int], ...]
+    config: dict[str, Any]
+    card: dict[str, Any]
+    root: Path = CHECKPOINTS
+
+    @property
+    def directory(self) -> Path:
+        return self.root / self.name
+
+    def ground_truth(self) -> dict[str, Any]:
+        """The checkpoint's ``ground_truth.json``."""
+        return json.loads((self.directory / "ground_truth.json").read_text())
+
+    def summary(self) -> str:
+        """One line: name, accuracy, circuit heads, description."""
+        heads = " ".join(f"L{a}H{b}" for a, b in self.circuit_heads) or "-"
+        mlps = "".join(f" MLP{m}" for m in self.card.get("circuit_mlps", []))
+        return (
+            f"zoo:{self.name}  acc={self.accuracy:.3f}  circuit=[{heads}{mlps}]  {self.description}"
+        )
+
+
+def zoo_names(root: Path | None = None) -> list[str]:
+    """Names of the shipped checkpoints (or those under ``root``), sorted."""
+    root = CHECKPOINTS if root is None else Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(
+        p.name
+        for p in root.iterdir()
+        if not p.name.startswith(".") and (p / "card.json").is_file()  # "." = being written
+    )
+
+
+def zoo_card(name: str, *, root: Path | None = None) -> ZooCard:
+    """The card of checkpoint ``name``; a :class:`SpecError` names the known ones otherwise."""
+    root = CHECKPOINTS if root is None else Path(root)
+    directory = root / name
+    if not (directory / "card.json").is_file():
+        known = ", ".join(f"zoo:{n}" for n in zoo_names(root)) or "(none shipped)"
+        raise SpecError(
+            f"unknown zoo model {name!r}. Known: {known}. Train one with `mechscope zoo train NAME`."
+        )
+    try:
+        card = json.loads((directory / "card.json").read_text())
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise WeightFileError(
+            f"zoo checkpoint {name!r} has an unreadable card or config in {directory}: {exc}. "
+            f"Regenerate it with `mechscope zoo train {name}`."
+        ) from exc
+    return ZooCard(
+        name=name,
+        task=str(card.get("task", "")),
+        description=str(card.get("description", "")),
+        accuracy=float(card.get("accuracy", float("nan"))),
+        circuit_heads=tuple(tuple(h) for h in card.get("circuit_heads", [])),  # type: ignore[misc]
+        config=config,
+        card=card,
+        root=root,
+    )
+
+
+def list_zoo(root: Path | None = None) -> list[ZooCard]:
+    """Every shipped checkpoint's card (accuracy and circuit heads included)."""
+    return [zoo_card(n, root=root) for n in zoo_names(root)]
+
+
+def load_zoo(name: str, *, device: str | None = None, root: Path | None = None) -> Any:
+    """Boot checkpoint ``name`` as a ``TransformerBridge`` in eval mode, loading weights strictly.
+
+    Weights stored as float16 are converted to float32 (the config's dtype) on load.
+    """
+    from mechscope.models.native import boot_native_config, load_state_strict
+
+    card = zoo_card(name, root=root)
+    weights = card.directory / "model.safetensors"
+    model = boot_native_config(card.config, device=device)
+    load_state_strict(model, weights)
+    return model.eval()
+
+
+def __getattr__(attr: str) -> Any:
+    # Training code imports torch, numpy and the task generators: load it on first use only.
+    if attr == "train_zoo":
+        from mechscope.models.zoo.train import train_zoo
+
+        return train_zoo
+    if attr in ("RECIPES", "Recipe"):
+        from mechscope.models.zoo import recipes
+
+        return getattr(recipes, attr)
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
+
+
+__all__ = ["CHECKPOINTS", "RECIPES", "Recipe", "ZooCard", "list_zoo", "load_zoo", "train_zoo",
+           "zoo_card", "zoo_names"]  # fmt: skip
