@@ -8,13 +8,13 @@ plain data: a hook name plus a function ``(activation, hook) -> activation | Non
 >>> import torch
 >>> from mechscope.models import load
 >>> model = load("native:n_layers=1,d_model=16,n_heads=2,d_head=8,d_vocab=11,n_ctx=8,attn_only=true")
->>> seen = {}
+>>> seen = []
 >>> def grab(act, hook):
-...     seen[hook.name] = act.shape
+...     seen.append(act.shape)
 >>> with hooked(model, [("blocks.0.attn.hook_z", grab)]):
 ...     _ = model(torch.tensor([[0, 1, 2]]))
->>> seen["blocks.0.attn.hook_z"]
-torch.Size([1, 3, 2, 8])
+>>> seen  # [batch, pos, head, d_head]
+[torch.Size([1, 3, 2, 8])]
 >>> count_hooks(model)
 0
 """

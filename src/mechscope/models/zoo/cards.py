@@ -46,9 +46,19 @@ def verification(recipe: Recipe, truth: dict[str, Any]) -> str:
                      f"circuit MLP layers {truth['circuit_mlps']}")  # fmt: skip
         parts.append("MLP denoising by position (per layer, positions 0..answer_pos): "
                      + str(p["mlp_out_by_pos_denoise"]))  # fmt: skip
+    if "key_tag" in s:
+        parts.append("key-tag scores (needle value -> its key): "
+                     + fmt(f"L{a}H{b}={v:.2f}" for a, b, v in _top(s["key_tag"])))  # fmt: skip
+    if "head_norms" in truth:
+        norms = truth["head_norms"]
+        alive = [[a, b] for a, row in enumerate(norms) for b, v in enumerate(row) if v > 1e-3]
+        if len(alive) < sum(len(row) for row in norms):
+            parts.append(f"heads with non-zero parameters {alive} (the others were pruned to "
+                         "exactly zero by the group lasso of the recipe)")  # fmt: skip
     if "ablation" in truth:
         a = truth["ablation"]
-        parts.append(f"uniform attention on retrieval heads {truth['retrieval_heads']} -> accuracy "
+        parts.append(f"local (key-tagging) heads {truth.get('local_heads')}; "
+                     f"uniform attention on retrieval heads {truth['retrieval_heads']} -> accuracy "
                      f"{a['retrieval_heads_uniform']}; on as many random other heads -> "
                      f"{a['random_other_heads_uniform']}")  # fmt: skip
     return "; ".join(parts) + "."

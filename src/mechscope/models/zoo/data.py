@@ -8,15 +8,17 @@ synthetic IOI), so the zoo models speak the token layouts those generators defin
 - induction: random tokens (ids 1..d_vocab-1, BOS 0) in which a segment of random length
   ``min_repeat..max_repeat`` appears twice at random places; loss on the second copy after its
   first token. Evaluated with :func:`mechscope.tasks.induction.induction` (``[BOS] R R``).
-- retrieval: the :class:`~mechscope.tasks.retrieval.RetrievalVocab` layout; ``[BOS]`` random filler
-  holding up to ``max_pairs`` ``key value`` pairs (distinct keys) at random places, then
-  2..``n_queries`` ``[QUERY] key value`` triples asking for present keys; loss on each queried
-  value. The first ``induction_frac`` of the steps are induction rows (random tokens with a repeated
-  segment, 64 tokens), which grow the previous-token + copy mechanism far faster than sparse
-  key/value rows do (without them the loss sat near 2.9 for 1,400 steps); then the context length
-  is drawn per step from ``min_len`` up to :func:`retrieval_length` (short rows first, then a
-  linear ramp to ``max_len``). Evaluated with
-  :func:`mechscope.tasks.retrieval.retrieval` at ``eval_len`` tokens and depths 0..1.
+- retrieval: the :class:`~mechscope.tasks.retrieval.RetrievalVocab` layout. The first
+  ``induction_frac`` of the steps are induction rows (random tokens with a repeated segment, 64
+  tokens, ``induction_batch`` rows), which grow the previous-token + copy mechanism far faster than
+  sparse key/value rows do (without them the loss sat near 2.9 for 1,400 steps). Then each batch
+  has one context length, drawn uniformly from ``min_len..max_len``, and two kinds of
+  rows: multi-query rows (:func:`multi_query_rows`: ``[BOS]`` random filler holding up to
+  ``max_pairs`` ``key value`` pairs with distinct keys, then 2..``n_queries`` ``[QUERY] key
+  value`` triples asking for present keys; loss on each queried value) and, a ``single_frac``
+  share, rows laid out exactly as the evaluation's (:func:`single_query_rows`; one needle at a
+  random depth, ends over-weighted). Evaluated with :func:`mechscope.tasks.retrieval.retrieval`
+  at ``eval_len`` tokens and depths 0, 0.1, .., 1.
 - facts: :class:`~mechscope.tasks.facts.FactWorld` rows ``[BOS] subject REL attribute``, right-padded
   with BOS; loss on the attribute only.
 - ioi: the :class:`~mechscope.tasks.ioi.IOIVocab` template ``[BOS] WHEN A AND B WENT AT PLACE ,
@@ -114,22 +116,23 @@ def retrieval_vocab(recipe: Recipe) -> RetrievalVocab:
     return RetrievalVocab() if recipe.d_vocab == 256 else RetrievalVocab.for_vocab(recipe.d_vocab)
 
 
-def retrieval_length(recipe: Recipe, step: int) -> int:
-    """Upper end of the context length at ``step``: ``short_len`` for the first ``short_frac`` of
-    training (the mechanism forms on cheap short rows), then linear up to ``max_len`` at
-    ``ramp_end``."""
-    a = recipe.task_args
-    frac = step / max(1, recipe.steps)
-    ramp = (frac - a["short_frac"]) / max(1e-9, a["ramp_end"] - a["short_frac"])
-    return int(a["short_len"] + min(1.0, max(0.0, ramp)) * (a["max_len"] - a["short_len"]))
-
-
 def retrieval_train(recipe: Recipe, rng: np.random.Generator, step: int) -> Batch:
     a, v = recipe.task_args, retrieval_vocab(recipe)
     if step < a["induction_frac"] * recipe.steps:  # warm-up: grow the copy mechanism cheaply
-        return repeat_rows(rng, recipe.batch_size, 64, recipe.d_vocab, 5, 30)
-    t = int(rng.integers(a["min_len"], retrieval_length(recipe, step) + 1))
-    b = recipe.batch_size
+        return repeat_rows(rng, a["induction_batch"], 64, recipe.d_vocab, 5, 30)
+    t = int(rng.integers(a["min_len"], a["max_len"] + 1))
+    n_single = int(round(a["single_frac"] * recipe.batch_size))
+    multi_t, multi_m = multi_query_rows(rng, recipe.batch_size - n_single, t, v, a)
+    if n_single == 0:
+        return multi_t, multi_m
+    single_t, single_m = single_query_rows(rng, n_single, t, v, a)
+    return torch.cat([multi_t, single_t]), torch.cat([multi_m, single_m])
+
+
+def multi_query_rows(
+    rng: np.random.Generator, b: int, t: int, v: RetrievalVocab, a: dict[str, Any]
+) -> Batch:
+    """Filler with up to ``max_pairs`` pairs, then 2..``n_queries`` ``[QUERY] key value`` triples."""
     keys, values, filler = (np.asarray(r) for r in (v.keys, v.values, v.filler))
     tokens = rng.choice(filler, size=(b, t))
     tokens[:, 0] = v.bos
@@ -151,6 +154,32 @@ def retrieval_train(recipe: Recipe, rng: np.random.Generator, step: int) -> Batc
             tokens[i, p : p + 3] = (v.query, ks[j], vs[j])
             mask[i, p + 1] = True  # at the key, predict its value
     return torch.from_numpy(tokens), torch.from_numpy(mask)
+
+
+def single_query_rows(
+    rng: np.random.Generator, b: int, t: int, v: RetrievalVocab, a: dict[str, Any]
+) -> Batch:
+    """Rows laid out exactly as :func:`~mechscope.tasks.retrieval.retrieval` lays them out (one
+    needle, ``0..max_distractors`` distractors, ``[QUERY] key`` at the end). Depth 0 with
+    probability ``p_first``, depth 1 with ``p_last``, else uniform in [0, 1]: a needle right after
+    BOS or right before the query is a place multi-query rows rarely put a queried pair."""
+    rows = []
+    for _ in range(b):
+        u = rng.random()
+        if u < a["p_first"]:
+            depth = 0.0
+        elif u < a["p_first"] + a["p_last"]:
+            depth = 1.0
+        else:
+            depth = float(rng.random())
+        nd = int(rng.integers(0, min(a["max_distractors"], (t - 4) // 2 - 2) + 1))
+        batch = retrieval(1, context_len=t - 1, depth=depth, seed=int(rng.integers(2**31)),
+                          vocab=v, n_distractors=nd)  # fmt: skip
+        rows.append(torch.cat([batch.clean[0], batch.answer]))  # prompt + answer: t tokens
+    tokens = torch.stack(rows)
+    mask = torch.zeros(b, t - 1, dtype=torch.bool)
+    mask[:, -1] = True  # at the query key, predict the needle's value
+    return tokens, mask
 
 
 def retrieval_eval(recipe: Recipe, n: int, seed: int) -> list[TaskBatch]:

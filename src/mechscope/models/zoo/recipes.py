@@ -41,6 +41,18 @@ class Recipe:
         threads: torch CPU threads while training (1: on a shared 2-core machine, two threads
             contending with other work ran 4x slower than one).
         eval_n, eval_seed: size and seed of the fresh evaluation sample.
+        head_l1: decoupled group lasso on attention heads: after each optimiser step, the L2 norm
+            of each head's W_Q, W_K, W_V, W_O, b_Q, b_K, b_V shrinks by ``lr * head_l1`` (a
+            proximal step): heads the task does not need reach zero, so the mechanism
+            concentrates in a few heads and the rest stay spare (0 = off).
+        pos_embed: ``"learned"`` positional embeddings, or fixed ``"sinusoidal"`` ones (Vaswani et
+            al. 2017; frozen during training): a shift by one position is the same linear map at
+            every position, so a previous-token head learnt on some positions works on all.
+        head_l1_from: fraction of the steps after which the penalty ramps in (linearly, over
+            a tenth of the steps), so it cannot stop the mechanism from forming.
+        head_l1_until: fraction of the steps after which the penalty is off again: a head shrunk
+            to exactly zero gets no gradient (zero W_V and W_O are a fixed point), so it stays
+            dead while the surviving heads recover the accuracy the penalty cost.
         task_args: task-specific parameters (documented in :mod:`mechscope.models.zoo.data`).
     """
 
@@ -64,6 +76,10 @@ class Recipe:
     threads: int = 1
     eval_n: int = 256
     eval_seed: int = 12345
+    head_l1: float = 0.0
+    pos_embed: Literal["learned", "sinusoidal"] = "learned"
+    head_l1_from: float = 0.0
+    head_l1_until: float = 1.0
     task_args: dict[str, Any] = field(default_factory=dict)
 
     def model_config(self) -> dict[str, Any]:
@@ -119,13 +135,19 @@ RECIPES: dict[str, Recipe] = {
         Recipe(
             name="retrieval",
             task="retrieval",
-            description="needle-in-a-haystack key->value lookup in 256-token contexts (trained up to 288)",
+            description=(
+                "needle-in-a-haystack key->value lookup in 256-token contexts: one key-tagging "
+                "head, two copy (retrieval) heads, the other 13 heads pruned to zero"
+            ),
             mechanism=(
                 "Key/value pairs with distinct random keys sit at random depths in random filler; "
-                "the query repeats one key and the answer is the value that followed it. Heads of "
-                "an early layer tag each value with the key before it; copy (retrieval) heads of a "
-                "later layer attend from the query key to the matching value and copy it. The "
-                "first third of training is induction rows (same mechanism, dense signal)."
+                "the query repeats one key and the answer is the value that followed it. A "
+                "layer-0 head attends from each value to the key right before it (a local head: "
+                "it tags the value with its key); layer-1 copy (retrieval) heads attend from the "
+                "query key to the value so tagged and copy it. The first third of training is "
+                "induction rows (the same mechanism, dense signal); positions are fixed "
+                "sinusoids, so the local head works at every depth; a group lasso on heads "
+                "(steps 40-80%) prunes every head the mechanism does not need to exactly zero."
             ),
             n_layers=2,
             d_model=64,
@@ -135,17 +157,23 @@ RECIPES: dict[str, Recipe] = {
             n_ctx=288,
             d_vocab=256,
             steps=4800,
-            batch_size=32,
+            batch_size=16,
             lr=1e-3,
+            pos_embed="sinusoidal",
+            head_l1=20.0,
+            head_l1_from=0.4,
+            head_l1_until=0.8,
             task_args={
                 "induction_frac": 1 / 3,
-                "min_len": 48,
-                "short_len": 96,
-                "short_frac": 0.45,
+                "induction_batch": 32,
+                "min_len": 96,
                 "max_len": 288,
-                "ramp_end": 0.7,
                 "n_queries": 12,
                 "max_pairs": 24,
+                "single_frac": 0.5,
+                "max_distractors": 8,
+                "p_first": 0.1,
+                "p_last": 0.25,
                 "eval_len": 256,
             },
         ),  # fmt: skip

@@ -6,7 +6,9 @@ are the bridge's ``state_dict``), then writes ``config.json``, ``model.safetenso
 ``ground_truth.json`` (:mod:`mechscope.models.zoo.truth`), ``card.json`` and ``card.md``.
 
 Training: AdamW, linear warm-up then cosine decay to 10% of the learning rate, gradient clipping at
-1.0, cross-entropy on the masked positions only. ``recipe.threads`` CPU threads; the data generator and the model
+1.0, cross-entropy on the masked positions only, and optionally a proximal group-lasso
+step on each attention head (``recipe.head_l1``: after every optimiser step each head's parameter
+norm shrinks by ``lr * head_l1``), so heads the task does not need reach zero and stay spare. ``recipe.threads`` CPU threads; the data generator and the model
 initialisation are seeded from the recipe, so a rerun on the same machine gives the same weights
 (across machines, float reductions may differ in the last bits, and accuracy by a point at most).
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import shutil
 import tempfile
 import time
@@ -50,6 +53,84 @@ def _lr_at(recipe: Recipe, step: int) -> float:
     return recipe.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
 
+def head_group_norms(model: Any) -> torch.Tensor:
+    """L2 norm of each attention head's parameters, ``[n_layers, n_heads]`` (differentiable)."""
+    squares = (model.W_Q.square().sum((-2, -1)) + model.W_K.square().sum((-2, -1))
+               + model.W_V.square().sum((-2, -1)) + model.W_O.square().sum((-2, -1))
+               + model.b_Q.square().sum(-1) + model.b_K.square().sum(-1)
+               + model.b_V.square().sum(-1))  # fmt: skip
+    return squares.clamp_min(1e-12).sqrt()
+
+
+def head_parameters(model: Any) -> list[tuple[torch.Tensor, int, int]]:
+    """``(parameter, layer, axis)`` for every attention parameter that splits into heads along
+    ``axis`` in blocks of ``d_head`` (Q/K/V weights and biases by row, O weights by column).
+
+    Checked against the bridge's own ``W_Q``/``W_O`` views, so a layout change fails loudly.
+    """
+    found = []
+    dh = model.cfg.d_head
+    for name, param in model.named_parameters():
+        m = re.search(r"layers\.(\d+)\..*attn\..*\b([qkvo])\._original_component\.(weight|bias)$",
+                      name)  # fmt: skip
+        if m is None or (m.group(2) == "o" and m.group(3) == "bias"):
+            continue
+        found.append((param, int(m.group(1)), 1 if m.group(2) == "o" else 0))
+    if len(found) != 7 * model.cfg.n_layers:
+        raise RuntimeError(f"expected 7 per-head attention parameters per layer, found {len(found)}")
+    q = next(p for p, layer, _ in found if layer == 0 and p.dim() == 2)
+    o = next(p for p, layer, axis in found if layer == 0 and axis == 1)
+    if not (torch.equal(q[:dh].T, model.W_Q[0, 0]) and torch.equal(o[:, :dh].T, model.W_O[0, 0])):
+        raise RuntimeError("the bridge's attention weights are not laid out head by head")
+    return found
+
+
+@torch.no_grad()
+def shrink_heads(model: Any, params: list[tuple[torch.Tensor, int, int]], amount: float) -> None:
+    """Proximal group-lasso step: shrink each head's parameter norm by ``amount`` (to 0 at most)."""
+    if amount <= 0:
+        return
+    scale = (1 - amount / head_group_norms(model)).clamp_min(0.0)  # [layer, head]
+    dh = model.cfg.d_head
+    for param, layer, axis in params:
+        per_head = scale[layer].repeat_interleave(dh)
+        param.mul_(per_head[:, None] if axis == 0 and param.dim() == 2 else per_head)
+
+
+def sinusoidal(n_ctx: int, d_model: int, rms: float) -> torch.Tensor:
+    """The sinusoidal position table of Vaswani et al. (2017), scaled to root-mean-square ``rms``.
+
+    >>> t = sinusoidal(16, 8, rms=0.1)
+    >>> tuple(t.shape), round(float(t.square().mean().sqrt()), 3)
+    ((16, 8), 0.1)
+    """
+    pos = torch.arange(n_ctx, dtype=torch.float64)[:, None]
+    freq = 10000.0 ** (-torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)
+    table = torch.zeros(n_ctx, d_model, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq)
+    return (table * rms / table.square().mean().sqrt()).float()
+
+
+def _fix_positions(model: Any) -> None:
+    """Overwrite the learned position table with a frozen sinusoidal one (``pos_embed``)."""
+    pos = [p for name, p in model.named_parameters() if re.match(r"pos\..*weight$", name)]
+    if len(pos) != 1 or pos[0].shape != model.W_pos.shape:
+        raise RuntimeError("could not find the bridge's position-embedding table")
+    with torch.no_grad():
+        n_ctx, d_model = pos[0].shape
+        pos[0].copy_(sinusoidal(n_ctx, d_model, rms=float(model.W_E.square().mean().sqrt())))
+    pos[0].requires_grad_(False)
+
+
+def _l1_at(recipe: Recipe, step: int) -> float:
+    start = recipe.head_l1_from * recipe.steps
+    if step >= recipe.head_l1_until * recipe.steps:
+        return 0.0
+    ramp = (step - start) / max(1.0, 0.1 * recipe.steps)
+    return recipe.head_l1 * min(1.0, max(0.0, ramp))
+
+
 def train_model(recipe: Recipe, *, progress: bool = True) -> tuple[Any, float, list[float]]:
     """Train a fresh model on ``recipe``; returns (model in eval mode, seconds, loss curve)."""
     from mechscope.models.native import boot_native_config
@@ -57,9 +138,13 @@ def train_model(recipe: Recipe, *, progress: bool = True) -> tuple[Any, float, l
     torch.set_num_threads(recipe.threads)
     torch.manual_seed(recipe.seed)
     model = boot_native_config(recipe.model_config())
+    if recipe.pos_embed == "sinusoidal":
+        _fix_positions(model)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     stream = TRAIN_STREAMS[recipe.task]
+    heads = head_parameters(model) if recipe.head_l1 > 0 else []
     rng = np.random.default_rng([recipe.seed, 0xD00])
     losses: list[float] = []
     start = time.perf_counter()
@@ -72,8 +157,10 @@ def train_model(recipe: Recipe, *, progress: bool = True) -> tuple[Any, float, l
         loss = torch.nn.functional.cross_entropy(logits[mask], tokens[:, 1:][mask])
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        if recipe.head_l1 > 0:
+            shrink_heads(model, heads, _lr_at(recipe, step) * _l1_at(recipe, step))
         losses.append(float(loss.detach()))
         if step % 100 == 0:
             bar.set_postfix(loss=f"{float(np.mean(losses[-100:])):.3f}")
@@ -140,6 +227,9 @@ def write_checkpoint(
         (staging / "ground_truth.json").write_text(json.dumps(truth, indent=1) + "\n")
         tail = losses[-50:] or [float("nan")]
         card = write_card(staging, recipe, truth, seconds=seconds, final_loss=float(np.mean(tail)))
+        staging.chmod(0o755)  # mkdtemp makes it private; a checkpoint is for everyone to read
+        for f in staging.iterdir():
+            f.chmod(0o644)
         if directory.exists():
             shutil.rmtree(directory)
         staging.rename(directory)

@@ -14,6 +14,9 @@ What is measured (all on fresh seeded samples, never on training rows):
 - copy (retrieval) score, after Wu et al. 2024: for every correctly answered row, does the head's
   argmax attention from ``answer_pos`` land on an earlier position holding the answer token?
   score = fraction of such rows. Local score: attention mass on the last 4 keys (streaming heads).
+  Key-tag score (retrieval): attention from the needle's value to the needle's key, the step that
+  lets a copy head find the value by its key.
+- head norms: the L2 norm of each head's parameters (0 = a dead head; see ``Recipe.head_l1``).
 - patching, on clean/corrupt pairs (``data.PATCH_BATCHES``; for induction the corrupt row permutes
   the first copy, so previous-token heads show up too): TransformerLens
   ``patching.get_act_patch_attn_head_out_all_pos`` (every head, all
@@ -58,7 +61,10 @@ CIRCUIT_RULE = (
 )
 RETRIEVAL_RULE = "retrieval heads: copy score > 0.1 (Wu et al. 2024)"
 LOCAL_MIN = 0.5
-LOCAL_RULE = f"local (streaming) heads: mean attention mass on the last 4 keys >= {LOCAL_MIN}"
+LOCAL_RULE = (
+    f"local (streaming) heads: mean attention mass on the last 4 keys >= {LOCAL_MIN}, or (retrieval) "
+    f"attention from the needle's value to its key (key_tag score) >= {LOCAL_MIN}"
+)
 
 Heads = Sequence[tuple[int, int]]
 
@@ -145,6 +151,7 @@ def copy_and_local_scores(model: Any, batches: Sequence[TaskBatch]) -> dict[str,
     cfg = model.cfg
     copied = np.zeros((cfg.n_layers, cfg.n_heads))
     local = np.zeros((cfg.n_layers, cfg.n_heads))
+    tag = np.zeros((cfg.n_layers, cfg.n_heads))
     n_right = n_rows = 0
     for b in batches:
         logits, cache = model.run_with_cache(b.clean)
@@ -160,10 +167,16 @@ def copy_and_local_scores(model: Any, batches: Sequence[TaskBatch]) -> dict[str,
             k = torch.arange(pat.shape[-1])
             near = ((q[:, None] - k[None, :]) < 4) & (k[None, :] <= q[:, None])
             local[layer] += ((pat * near).sum(-1).mean(-1)).sum(0).numpy()
+            if "needle_start" in b.meta:  # retrieval: from the needle's value to its key
+                key_at = torch.as_tensor(b.meta["needle_start"])
+                tag[layer] += pat[rows, :, key_at + 1, key_at].sum(0).numpy()
         n_right += int(right.sum())
         n_rows += b.batch_size
-    return {"copy": (copied / max(1, n_right)).round(4).tolist(),
-            "local": (local / n_rows).round(4).tolist()}  # fmt: skip
+    out = {"copy": (copied / max(1, n_right)).round(4).tolist(),
+           "local": (local / n_rows).round(4).tolist()}  # fmt: skip
+    if tag.any():
+        out["key_tag"] = (tag / n_rows).round(4).tolist()
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,6 +259,9 @@ def ground_truth(model: Any, recipe: Recipe, *, small: bool = False) -> dict[str
         "head_scores": scores, "patching": table,
         "circuit_heads": heads, "circuit_mlps": mlps, "circuit_rule": CIRCUIT_RULE,
     }  # fmt: skip
+    from mechscope.models.zoo.train import head_group_norms
+
+    truth["head_norms"] = head_group_norms(model).detach().numpy().round(3).tolist()
     if recipe.task == "retrieval":
         truth.update(retrieval_ablation(model, batches, scores, heads, seed=recipe.eval_seed))
     return truth
@@ -280,7 +296,8 @@ def retrieval_ablation(
     cfg = model.cfg
     grid = [(layer, h) for layer in range(cfg.n_layers) for h in range(cfg.n_heads)]
     ret = [(a, b) for a, b in grid if scores["copy"][a][b] > 0.1]
-    local = [(a, b) for a, b in grid if scores["local"][a][b] >= LOCAL_MIN]
+    local = [(a, b) for a, b in grid if scores["local"][a][b] >= LOCAL_MIN
+             or scores.get("key_tag", scores["local"])[a][b] >= LOCAL_MIN]  # fmt: skip
     skip = {tuple(h) for h in circuit} | set(ret) | set(local)
     others = [(layer, h) for layer in range(cfg.n_layers) for h in range(cfg.n_heads)
               if (layer, h) not in skip]  # fmt: skip
