@@ -18,7 +18,7 @@ True
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 TaskName = Literal["induction", "retrieval", "facts", "ioi"]
@@ -107,6 +107,41 @@ class Recipe:
 _FACTS_WORLD = {"n_subjects": 256, "subject_len": [2, 3], "n_relations": 4, "n_attributes": 32,
                 "world_seed": 7}  # fmt: skip
 
+_FACTS = Recipe(
+    name="facts",
+    task="facts",
+    description="memorised synthetic facts: multi-token subject + relation -> attribute",
+    mechanism=(
+        "1,024 random facts over 256 subjects of 2-3 shared tokens: only the whole subject "
+        "fixes the attribute, so the model must combine subject tokens (attention) and look "
+        "the attribute up in a memory (MLPs)."
+    ),
+    n_layers=2,
+    d_model=128,
+    n_heads=4,
+    d_head=32,
+    d_mlp=512,
+    n_ctx=8,
+    d_vocab=64,
+    steps=3000,
+    batch_size=256,
+    lr=2e-3,
+    weight_decay=0.0,
+    task_args=dict(_FACTS_WORLD),
+)
+#: The attention-only control: the same facts, world and training, no MLPs.
+_FACTS_ATTN = replace(
+    _FACTS,
+    name="facts-attn",
+    description="attention-only control for zoo:facts (same facts, no MLPs)",
+    mechanism=(
+        "The same facts as zoo:facts in a model without MLPs: whatever it recalls lives in "
+        "attention and embeddings, so causal tracing must show no MLP effect."
+    ),
+    d_mlp=None,
+    task_args=dict(_FACTS_WORLD),
+)
+
 RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in [
@@ -177,49 +212,8 @@ RECIPES: dict[str, Recipe] = {
                 "eval_len": 256,
             },
         ),  # fmt: skip
-        Recipe(
-            name="facts",
-            task="facts",
-            description="memorised synthetic facts: multi-token subject + relation -> attribute",
-            mechanism=(
-                "1,024 random facts over 256 subjects of 2-3 shared tokens: only the whole subject "
-                "fixes the attribute, so the model must combine subject tokens (attention) and look "
-                "the attribute up in a memory (MLPs)."
-            ),
-            n_layers=2,
-            d_model=128,
-            n_heads=4,
-            d_head=32,
-            d_mlp=512,
-            n_ctx=8,
-            d_vocab=64,
-            steps=3000,
-            batch_size=256,
-            lr=2e-3,
-            weight_decay=0.0,
-            task_args=dict(_FACTS_WORLD),
-        ),
-        Recipe(
-            name="facts-attn",
-            task="facts",
-            description="attention-only control for zoo:facts (same facts, no MLPs)",
-            mechanism=(
-                "The same facts as zoo:facts in a model without MLPs: whatever it recalls lives in "
-                "attention and embeddings, so causal tracing must show no MLP effect."
-            ),
-            n_layers=2,
-            d_model=128,
-            n_heads=4,
-            d_head=32,
-            d_mlp=None,
-            n_ctx=8,
-            d_vocab=64,
-            steps=3000,
-            batch_size=256,
-            lr=2e-3,
-            weight_decay=0.0,
-            task_args=dict(_FACTS_WORLD),
-        ),
+        _FACTS,
+        _FACTS_ATTN,
         Recipe(
             name="ioi",
             task="ioi",

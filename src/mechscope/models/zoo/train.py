@@ -6,11 +6,13 @@ are the bridge's ``state_dict``), then writes ``config.json``, ``model.safetenso
 ``ground_truth.json`` (:mod:`mechscope.models.zoo.truth`), ``card.json`` and ``card.md``.
 
 Training: AdamW, linear warm-up then cosine decay to 10% of the learning rate, gradient clipping at
-1.0, cross-entropy on the masked positions only, and optionally a proximal group-lasso
-step on each attention head (``recipe.head_l1``: after every optimiser step each head's parameter
-norm shrinks by ``lr * head_l1``), so heads the task does not need reach zero and stay spare. ``recipe.threads`` CPU threads; the data generator and the model
-initialisation are seeded from the recipe, so a rerun on the same machine gives the same weights
-(across machines, float reductions may differ in the last bits, and accuracy by a point at most).
+1.0, cross-entropy on the masked positions only, and optionally a proximal group-lasso step on
+each attention head (``recipe.head_l1``: after every optimiser step each head's parameter norm
+shrinks by ``lr * head_l1``), so heads the task does not need reach zero and stay spare; and
+optionally frozen sinusoidal positions (``recipe.pos_embed``). ``recipe.threads`` CPU threads;
+the data generator and the model initialisation are seeded from the recipe, so a rerun on the
+same machine gives the same weights (checked: the shipped ``zoo:retrieval`` retrained bit for
+bit); across machines float reductions may differ in the last bits, and accuracy by a point.
 
 Caveat: ``steps`` overrides the recipe for quick tests; such a checkpoint is complete and
 loadable but does not solve its task, and its card says so (``recipe.steps`` is the value used).

@@ -261,7 +261,8 @@ def ground_truth(model: Any, recipe: Recipe, *, small: bool = False) -> dict[str
     }  # fmt: skip
     from mechscope.models.zoo.train import head_group_norms
 
-    truth["head_norms"] = head_group_norms(model).detach().numpy().round(3).tolist()
+    norms = head_group_norms(model).detach().tolist()
+    truth["head_norms"] = [[round(float(v), 3) for v in row] for row in norms]
     if recipe.task == "retrieval":
         truth.update(retrieval_ablation(model, batches, scores, heads, seed=recipe.eval_seed))
     return truth
