@@ -102,7 +102,9 @@ def trace_cmd(
     result = {"model": spec, "predictions": preds, "sites": list(config.sites), "shapes": shapes,
               "dtype": dtype, "out": str(out) if out else None}
     human = "\n".join(
-        [f"{p['prompt']!r} -> {p['next_token']!r} (p={p['p']:.3f})" for p in preds]
+        [f"{p['prompt']!r} -> "
+         + (repr(p["next_token"]) if p["next_token"] is not None else f"token {p['next_token_id']}")
+         + f" (p={p['p']:.3f})" for p in preds]
         + [f"  {k:16} {v}" for k, v in shapes.items()]
         + ([f"saved to {out}"] if out else [])
     )

@@ -1,7 +1,7 @@
 """Full zoo training reproduces the shipped checkpoint.
 
-CI retrains the two quickest recipes (``ioi`` and ``facts-attn``, 1-3 minutes each) every run; the others take
-5-12 minutes each and run when asked for:
+CI retrains the two quickest recipes (``ioi`` and ``facts-attn``, 1-3 minutes each) every run;
+the others take 5-12 minutes each and run when asked for:
 
     MECHSCOPE_FULL_ZOO_TRAIN=1 python -m pytest tests/real/test_zoo_train.py
 
@@ -37,6 +37,7 @@ def _params() -> list:
     return out
 
 
+@pytest.mark.timeout(1800)  # the suite's 600 s per test is shorter than the longest recipe
 @pytest.mark.parametrize("name", _params())
 def test_full_training_reproduces_accuracy(tmp_path, name: str) -> None:
     shipped = zoo_card(name)
