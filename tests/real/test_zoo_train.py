@@ -44,5 +44,13 @@ def test_full_training_reproduces_accuracy(tmp_path, name: str) -> None:
     card = train_zoo(name, out_dir=tmp_path, progress=False)
     assert abs(card.accuracy - shipped.accuracy) <= 0.01
     assert card.card["recipe"] == shipped.card["recipe"]
-    assert card.card["circuit_heads"] == shipped.card["circuit_heads"]
+    # circuit membership must agree wherever the shipped effect is clearly off the 0.2 threshold
+    # (a head at 0.19 in one run and 0.21 in another is a diffuse circuit, not a regression)
+    ship, new = shipped.ground_truth()["patching"], card.ground_truth()["patching"]
+    for table in ("head_out_denoise", "head_out_noise"):
+        for layer, row in enumerate(ship[table]):
+            for head, effect in enumerate(row):
+                if abs(abs(effect) - 0.2) >= 0.05:
+                    assert (abs(new[table][layer][head]) >= 0.2) == (abs(effect) >= 0.2), (
+                        table, layer, head, effect, new[table][layer][head])
     assert card.card["train_seconds"] <= 15 * 60
