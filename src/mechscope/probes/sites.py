@@ -80,7 +80,8 @@ def check_site(site: str) -> str:
     if site not in SITE_SPECS:
         raise HookNameError(
             f"unknown site {site!r}; choose from {', '.join(SITES)} "
-            "(or pass raw hook names with hooks=...)"
+            "(for any other hook point, attach a function with "
+            "mechscope.probes.hooks.hooked(model, [(hook_name, fn)]))"
         )
     return site
 
