@@ -119,7 +119,7 @@ def _save_dequantised(model: Any, folder: Path) -> None:
         if not (tied and k == "lm_head.weight")
     }
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    config.torch_dtype = "float32"
+    config.dtype = "float32"
     config.save_pretrained(str(folder))
     generation = getattr(model, "generation_config", None)
     if generation is not None:
