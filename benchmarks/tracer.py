@@ -1,4 +1,4 @@
-"""Tracer benchmark: capture overhead and streaming memory (see ../shared/PERFORMANCE.md).
+"""Tracer benchmark: capture overhead and streaming memory (protocol: docs/ARCHITECTURE.md, "Measuring speed").
 
 Cases (one JSON line each):
 
