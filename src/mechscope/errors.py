@@ -35,15 +35,16 @@ class OfflineError(MechscopeError, ConnectionError):
     """A hub model was named but the hub cannot be reached."""
 
 
-class HookNameError(MechscopeError, KeyError):
-    """A hook or site name that the model does not have."""
-
-    def __str__(self) -> str:  # KeyError quotes its message; keep it readable.
-        return str(self.args[0]) if self.args else ""
-
-
 class InputError(MechscopeError, ValueError):
     """Bad input: empty prompt, mismatched clean/corrupt lengths, sequence too long, NaN, ..."""
+
+
+class HookNameError(InputError):
+    """A hook, site, layer or head that the model (or a trace) does not have.
+
+    An :class:`InputError` (and so a ``ValueError``), deliberately not a ``KeyError``: a bad
+    layer or site is bad input, and callers catch it with ``except InputError``.
+    """
 
 
 class StoreError(MechscopeError, RuntimeError):

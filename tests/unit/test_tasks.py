@@ -3,6 +3,7 @@ PyPI package and loads offline in ~0.1 s)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -400,3 +401,39 @@ def test_registry():
     } <= set(TASKS)
     assert all(callable(g) for g in TASKS.values())
     assert isinstance(TASKS["ioi_synthetic"](2, seed=0), TaskBatch)
+
+
+# --- TaskBatch: metrics on hand-built logits, and real lengths --------------------------------
+
+
+def test_task_batch_metrics_on_hand_built_logits():
+    logits = torch.zeros(2, 4, 6)
+    logits[0, 2, 1], logits[0, 2, 3] = 5.0, 2.0  # row 0 scored at position 2: answer 1, wrong 3
+    logits[1, 3, 4], logits[1, 3, 0] = 1.0, 4.0  # row 1 scored at position 3: answer 4, wrong 0
+    logits[0, 3, 3] = 100.0  # a later position of row 0 must not count
+    b = TaskBatch(task="toy", clean=torch.ones(2, 4, dtype=torch.long),
+                  corrupt=torch.ones(2, 4, dtype=torch.long), answer=torch.tensor([1, 4]),
+                  corrupt_answer=torch.tensor([3, 0]), answer_pos=torch.tensor([2, 3]), seed=0,
+                  lengths=torch.tensor([3, 4]))
+    assert b.logit_diff(logits).tolist() == [3.0, -3.0]
+    assert b.accuracy(logits) == 0.5
+    p0 = math.exp(5) / (math.exp(5) + math.exp(2) + 4)
+    assert b.answer_prob(logits)[0].item() == pytest.approx(p0)
+    assert b.real_lengths.tolist() == [3, 4]
+    full = replace(b, lengths=None)
+    assert full.real_lengths.tolist() == [4, 4]
+
+
+def test_every_generator_fills_lengths(bert):
+    facts = load_rome_facts(DATA / "known_1000")[:60]
+    batches = [induction(3, seq_len=6, d_vocab=50), retrieval(2, context_len=64, n_distractors=2),
+               text_retrieval(bert, 2, context_len=128), synthetic_facts(3), synthetic_ioi(4),
+               ioi(bert, 8, seed=0), rome_facts(bert, facts, seed=0)]
+    for b in batches:
+        n = b.real_lengths
+        assert (b.answer_pos == n - 1).all(), b.task  # the answer is the token after the prompt
+        for i in range(b.batch_size):
+            assert (b.clean[i, n[i]:] == 0).all() and (b.corrupt[i, n[i]:] == 0).all(), b.task
+    ragged = [b for b in batches if b.task in ("ioi", "facts_rome")]
+    assert all(len(set(b.real_lengths.tolist())) > 1 for b in ragged)  # really ragged
+    assert batches[-1].real_lengths.tolist() == batches[-1].meta["length"]

@@ -23,19 +23,49 @@ def _tokens(n=3, pos=7, vocab=50, seed=0):
     return torch.randint(0, vocab, (n, pos), generator=torch.Generator().manual_seed(seed))
 
 
+# The TransformerLens hook each site must read, written out literally (not through hook_for), so a
+# swapped entry in the site table fails here.
+LITERAL_HOOKS = {
+    "heads": "blocks.{l}.attn.hook_z",
+    "patterns": "blocks.{l}.attn.hook_pattern",
+    "q": "blocks.{l}.attn.hook_q",
+    "k": "blocks.{l}.attn.hook_k",
+    "v": "blocks.{l}.attn.hook_v",
+    "ffn_pre": "blocks.{l}.mlp.hook_pre",
+    "ffn": "blocks.{l}.mlp.hook_post",
+    "resid_pre": "blocks.{l}.hook_resid_pre",
+    "resid": "blocks.{l}.hook_resid_post",
+    "attn_out": "blocks.{l}.hook_attn_out",
+    "mlp_out": "blocks.{l}.hook_mlp_out",
+}
+
+
 def test_every_site_matches_run_with_cache(tiny):
     tokens = _tokens()
-    sites = tuple(s for s in SITES if s != "head_resid")
+    sites = tuple(LITERAL_HOOKS)
+    assert set(sites) | {"head_resid", "attn_scores"} == set(SITES)
     tr = trace(tiny, tokens, sites=sites, progress=False)
     _, cache = tiny.run_with_cache(tokens)
     for site in sites:
         for layer in range(tiny.cfg.n_layers):
-            torch.testing.assert_close(tr.get(site, layer), cache[hook_for(site, layer)])
+            torch.testing.assert_close(tr.get(site, layer), cache[LITERAL_HOOKS[site].format(l=layer)])
     assert tr.heads(0).shape == (3, 7, 4, 8)
     assert tr.pattern(1).shape == (3, 4, 7, 7)
     assert tr.ffn(0).shape == (3, 7, 64)
     assert tr.stack("resid").shape == (2, 3, 7, 32)
     assert count_hooks(tiny) == 0
+
+
+def test_residual_stream_adds_up(tiny):
+    """resid_pre(l+1) == resid(l), and resid(l) == resid_pre(l) + attn_out(l) + mlp_out(l)."""
+    tr = trace(tiny, _tokens(), sites=("resid_pre", "resid", "attn_out", "mlp_out"), progress=False)
+    torch.testing.assert_close(tr.resid_pre(1), tr.resid(0))
+    assert not torch.allclose(tr.resid_pre(0), tr.resid(0))
+    for layer in range(2):
+        torch.testing.assert_close(
+            tr.resid_pre(layer) + tr.attn_out(layer) + tr.mlp_out(layer), tr.resid(layer),
+            atol=1e-5, rtol=1e-5,
+        )
 
 
 def test_patterns_are_causal_distributions(tiny):
@@ -97,8 +127,11 @@ def test_patching_a_site_with_its_own_value_changes_nothing(tiny):
     assert count_hooks(tiny) == 0
 
 
+RAGGED = [[1, 2, 3, 4, 5, 6], [7, 8], [9, 10, 11], [12, 13, 14, 15], [3, 3]]
+
+
 def test_ragged_prompts_are_padded_and_masked(tiny):
-    rows = [[1, 2, 3, 4, 5, 6], [7, 8], [9, 10, 11]]
+    rows = RAGGED[:3]
     batched = trace(tiny, rows, sites=("heads", "resid"), batch_size=3, progress=False)
     for i, row in enumerate(rows):
         alone = trace(tiny, [row], sites=("heads", "resid"), progress=False)
@@ -106,6 +139,31 @@ def test_ragged_prompts_are_padded_and_masked(tiny):
         torch.testing.assert_close(batched.heads(1)[i, :n], alone.heads(1)[0], atol=1e-5, rtol=1e-5)
         assert int(batched.top_tokens[i, 0]) == int(alone.top_tokens[0, 0])
     assert batched.lengths.tolist() == [6, 2, 3]
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_ragged_multi_batch_trace_equals_one_prompt_at_a_time(tiny, tmp_path, streamed):
+    """batch_size < number of prompts: every row equals that prompt traced alone, with the model
+    called directly (no mechscope joining or padding code on the reference side)."""
+    sites = ("heads", "patterns", "resid")
+    out = tmp_path / "t" if streamed else None
+    got = trace(tiny, RAGGED, sites=sites, batch_size=2, out_dir=out, progress=False)
+    if streamed:
+        got = open_trace(out)
+    assert got.lengths.tolist() == [len(r) for r in RAGGED]
+    for i, row in enumerate(RAGGED):
+        n = len(row)
+        assert got.tokens[i, :n].tolist() == row and (got.tokens[i, n:] == 0).all()  # right pad
+        logits, cache = tiny.run_with_cache(torch.tensor([row]))
+        for layer in range(2):
+            torch.testing.assert_close(got.heads(layer)[i, :n], cache[f"blocks.{layer}.attn.hook_z"][0],
+                                       atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got.resid(layer)[i, :n],
+                                       cache[f"blocks.{layer}.hook_resid_post"][0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got.pattern(layer)[i, :, :n, :n],
+                                       cache[f"blocks.{layer}.attn.hook_pattern"][0], atol=1e-5, rtol=1e-5)
+            assert float(got.pattern(layer)[i, :, :n, n:].abs().sum()) == 0.0  # no attention to pads
+        assert int(got.top_tokens[i, 0]) == int(logits[0, -1].argmax())
 
 
 def test_streamed_trace_equals_in_memory(tiny, tmp_path):
@@ -229,8 +287,8 @@ def test_unknown_hook_name_attaches_nothing(tiny):
         hooked(
             tiny,
             [
-                ("blocks.0.attn.hook_z", lambda a, h: None),
-                ("blocks.0.attn.hook_zz", lambda a, h: None),
+                ("blocks.0.attn.hook_z", lambda act, hook: None),
+                ("blocks.0.attn.hook_zz", lambda act, hook: None),
             ],
         ),
     ):

@@ -17,7 +17,7 @@ from mechscope.probes.interventions import (
 from mechscope.probes.linear import LinearProbe, ProbeSweep, features, probe_layers
 from mechscope.probes.sites import SITES, hook_for, parse_sites
 from mechscope.probes.trace import Trace, TraceWriter, iter_shards, open_trace
-from mechscope.probes.tracer import TraceConfig, Tracer, tokenize, trace
+from mechscope.probes.tracer import TraceConfig, Tracer, tokenize, trace, trace_with_grad
 
 __all__ = [
     "AddVector",
@@ -47,4 +47,5 @@ __all__ = [
     "parse_sites",
     "tokenize",
     "trace",
+    "trace_with_grad",
 ]

@@ -1,20 +1,42 @@
 """The site vocabulary: what the tracer can capture, and the hook each site reads.
 
-A *site* is a kind of activation, one per layer:
+A *site* is a kind of activation, one per layer. Shapes are those TransformerLens 4.3's
+``TransformerBridge`` emits (checked against the literal hook names in the tests, on a tiny
+native model, a tiny Hugging Face Llama with grouped-query attention, and SmolLM2):
 
-========== ================================== ==========================================
-site        hook (layer ``l``)                 shape of one captured tensor
-========== ================================== ==========================================
-heads       ``blocks.l.attn.hook_z``           [batch, pos, head, d_head]
-head_resid  ``blocks.l.attn.hook_z`` @ ``W_O`` [batch, pos, head, d_model] (computed on the fly)
-patterns    ``blocks.l.attn.hook_pattern``     [batch, head, query, key]
-ffn_pre     ``blocks.l.mlp.hook_pre``          [batch, pos, d_mlp]
-ffn         ``blocks.l.mlp.hook_post``         [batch, pos, d_mlp]
-resid_pre   ``blocks.l.hook_resid_pre``        [batch, pos, d_model]
-resid       ``blocks.l.hook_resid_post``       [batch, pos, d_model]
-attn_out    ``blocks.l.hook_attn_out``         [batch, pos, d_model]
-mlp_out     ``blocks.l.hook_mlp_out``          [batch, pos, d_model]
-========== ================================== ==========================================
+=========== =================================== ========================================
+site        hook (layer ``l``)                  shape of one captured tensor
+=========== =================================== ========================================
+heads       ``blocks.l.attn.hook_z``            [batch, pos, head, d_head]
+head_resid  ``blocks.l.attn.hook_z`` @ ``W_O``  [batch, pos, head, d_model] (computed)
+patterns    ``blocks.l.attn.hook_pattern``      [batch, head, query, key]
+attn_scores ``blocks.l.attn.hook_attn_scores``  [batch, head, query, key]
+q           ``blocks.l.attn.hook_q``            [batch, pos, head, d_head]
+k           ``blocks.l.attn.hook_k``            [batch, pos, kv_head, d_head]
+v           ``blocks.l.attn.hook_v``            [batch, pos, kv_head, d_head]
+ffn_pre     ``blocks.l.mlp.hook_pre``           [batch, pos, d_mlp]
+ffn         ``blocks.l.mlp.hook_post``          [batch, pos, d_mlp]
+resid_pre   ``blocks.l.hook_resid_pre``         [batch, pos, d_model]
+resid       ``blocks.l.hook_resid_post``        [batch, pos, d_model]
+attn_out    ``blocks.l.hook_attn_out``          [batch, pos, d_model]
+mlp_out     ``blocks.l.hook_mlp_out``           [batch, pos, d_model]
+=========== =================================== ========================================
+
+Notes on the attention sites:
+
+- ``kv_head`` has ``n_key_value_heads`` entries (3 on SmolLM2, whose 9 query heads share them);
+  the bridge emits k and v *un-repeated* and mechscope keeps them so. Query head ``h`` reads kv
+  head ``h // (n_heads // n_kv_heads)`` (``repeat_interleave`` grouping, as HF Llama's
+  ``repeat_kv``). A ``heads=`` restriction indexes query heads; k and v are restricted with
+  ``kv_heads=`` instead (see :class:`mechscope.probes.TraceConfig`). On a model without GQA
+  ``kv_head`` is the ``head`` axis.
+- ``q`` and ``k`` are taken *before* rotary embeddings on rotary models (TransformerLens's
+  ``hook_q``/``hook_k``; the rotated ones are ``hook_rot_q``/``hook_rot_k``).
+- ``attn_scores`` are pre-softmax, scaled (``q·kᵀ / sqrt(d_head)`` with the rotated q and k) and
+  already masked: a masked entry (a future key, or a padding key) holds the bridge's mask value
+  (``torch.finfo(dtype).min`` for HF models), so ``softmax(attn_scores) == patterns``. On the
+  bridge's generic attention (native/zoo models) TransformerLens fires ``hook_attn_scores`` with
+  the post-softmax pattern, so the tracer refuses the site there.
 
 A captured tensor is stored under its *key* ``"<site>.<layer>"`` (``"heads.3"``).
 
@@ -22,6 +44,8 @@ A captured tensor is stored under its *key* ``"<site>.<layer>"`` (``"heads.3"``)
 'blocks.3.attn.hook_z'
 >>> parse_sites("heads,patterns")
 ('heads', 'patterns')
+>>> SITE_SPECS["k"].head_axis, SITE_SPECS["k"].kv, SITE_SPECS["patterns"].pos_axes
+(2, True, (2,))
 """
 
 from __future__ import annotations
@@ -32,31 +56,67 @@ from typing import Literal, get_args
 from mechscope.errors import HookNameError
 
 Site = Literal[
-    "heads", "head_resid", "patterns", "ffn_pre", "ffn", "resid_pre", "resid", "attn_out", "mlp_out"
-]
+    "heads", "head_resid", "patterns", "attn_scores", "q", "k", "v", "ffn_pre", "ffn",
+    "resid_pre", "resid", "attn_out", "mlp_out",
+]  # fmt: skip
 SITES: tuple[str, ...] = get_args(Site)
+
+#: Axis names a site's tensor may have (the vocabulary of the site table).
+Axis = Literal["batch", "pos", "query", "key", "head", "kv_head", "d_head", "d_model", "d_mlp"]
 
 
 @dataclass(frozen=True)
 class SiteSpec:
-    """How a site is read: its hook template and which axes it has."""
+    """How a site is read: its hook template and the names of its axes, in order."""
 
     hook: str
-    head_axis: int | None  # axis of ``head`` in the captured tensor, if any
-    pos_axes: tuple[int, ...]  # axes indexed by token position
+    dims: tuple[Axis, ...]
     needs_mlp: bool = False
 
+    @property
+    def head_axis(self) -> int | None:
+        """Axis of ``head`` (or ``kv_head``) in the captured tensor, if any."""
+        for name in ("head", "kv_head"):
+            if name in self.dims:
+                return self.dims.index(name)
+        return None
+
+    @property
+    def kv(self) -> bool:
+        """Whether the head axis counts key/value heads (``n_key_value_heads``)."""
+        return "kv_head" in self.dims
+
+    @property
+    def pos_axes(self) -> tuple[int, ...]:
+        """Axes indexed by the token position a ``positions=`` restriction selects."""
+        return tuple(i for i, d in enumerate(self.dims) if d in ("pos", "query"))
+
+    @property
+    def key_axes(self) -> tuple[int, ...]:
+        """Axes that always span the whole (padded) sequence: the keys of a pattern."""
+        return tuple(i for i, d in enumerate(self.dims) if d == "key")
+
+
+_HEADS: tuple[Axis, ...] = ("batch", "pos", "head", "d_head")
+_KV: tuple[Axis, ...] = ("batch", "pos", "kv_head", "d_head")
+_QK: tuple[Axis, ...] = ("batch", "head", "query", "key")
+_RESID: tuple[Axis, ...] = ("batch", "pos", "d_model")
+_MLP: tuple[Axis, ...] = ("batch", "pos", "d_mlp")
 
 SITE_SPECS: dict[str, SiteSpec] = {
-    "heads": SiteSpec("blocks.{layer}.attn.hook_z", head_axis=2, pos_axes=(1,)),
-    "head_resid": SiteSpec("blocks.{layer}.attn.hook_z", head_axis=2, pos_axes=(1,)),
-    "patterns": SiteSpec("blocks.{layer}.attn.hook_pattern", head_axis=1, pos_axes=(2,)),
-    "ffn_pre": SiteSpec("blocks.{layer}.mlp.hook_pre", None, (1,), needs_mlp=True),
-    "ffn": SiteSpec("blocks.{layer}.mlp.hook_post", None, (1,), needs_mlp=True),
-    "resid_pre": SiteSpec("blocks.{layer}.hook_resid_pre", None, (1,)),
-    "resid": SiteSpec("blocks.{layer}.hook_resid_post", None, (1,)),
-    "attn_out": SiteSpec("blocks.{layer}.hook_attn_out", None, (1,)),
-    "mlp_out": SiteSpec("blocks.{layer}.hook_mlp_out", None, (1,), needs_mlp=True),
+    "heads": SiteSpec("blocks.{layer}.attn.hook_z", _HEADS),
+    "head_resid": SiteSpec("blocks.{layer}.attn.hook_z", ("batch", "pos", "head", "d_model")),
+    "patterns": SiteSpec("blocks.{layer}.attn.hook_pattern", _QK),
+    "attn_scores": SiteSpec("blocks.{layer}.attn.hook_attn_scores", _QK),
+    "q": SiteSpec("blocks.{layer}.attn.hook_q", _HEADS),
+    "k": SiteSpec("blocks.{layer}.attn.hook_k", _KV),
+    "v": SiteSpec("blocks.{layer}.attn.hook_v", _KV),
+    "ffn_pre": SiteSpec("blocks.{layer}.mlp.hook_pre", _MLP, needs_mlp=True),
+    "ffn": SiteSpec("blocks.{layer}.mlp.hook_post", _MLP, needs_mlp=True),
+    "resid_pre": SiteSpec("blocks.{layer}.hook_resid_pre", _RESID),
+    "resid": SiteSpec("blocks.{layer}.hook_resid_post", _RESID),
+    "attn_out": SiteSpec("blocks.{layer}.hook_attn_out", _RESID),
+    "mlp_out": SiteSpec("blocks.{layer}.hook_mlp_out", _RESID, needs_mlp=True),
 }
 
 

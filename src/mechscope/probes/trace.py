@@ -26,6 +26,7 @@ from mechscope.probes.sites import SITE_SPECS, key_for, split_key
 
 INDEX = "index.json"
 FORMAT = "mechscope-trace/1"
+_GRAD = "__grad__."
 _RESERVED = ("tokens", "lengths", "top_tokens", "top_logprobs", "positions")
 
 
@@ -44,6 +45,9 @@ class Trace:
         top_logprobs: their log-probabilities.
         positions: the absolute positions captured per row, or None for all positions.
         meta: sites, layers, heads, dtype, model spec and shape.
+        grads: for a gradient trace (:func:`mechscope.probes.trace_with_grad`), ``d metric /
+            d activation`` under the same keys and with the same shapes as ``tensors``; zeros
+            where the metric does not depend on the activation. Empty otherwise.
     """
 
     tensors: Mapping[str, Tensor]
@@ -53,6 +57,7 @@ class Trace:
     top_logprobs: Float[Tensor, "batch k"]
     positions: Int[Tensor, "batch n_pos"] | None = None
     meta: Mapping[str, Any] = field(default_factory=dict)
+    grads: Mapping[str, Tensor] = field(default_factory=dict)
 
     # -- typed accessors ---------------------------------------------------------------------
     def get(self, site: str, layer: int) -> Tensor:
@@ -77,6 +82,31 @@ class Trace:
     def pattern(self, layer: int) -> Float[Tensor, "batch head query key"]:
         """Attention patterns."""
         return self.get("patterns", layer)
+
+    def attn_scores(self, layer: int) -> Float[Tensor, "batch head query key"]:
+        """Pre-softmax, masked attention scores (``hook_attn_scores``)."""
+        return self.get("attn_scores", layer)
+
+    def q(self, layer: int) -> Float[Tensor, "batch pos head d_head"]:
+        """Queries (``hook_q``; before rotary embeddings)."""
+        return self.get("q", layer)
+
+    def k(self, layer: int) -> Float[Tensor, "batch pos kv_head d_head"]:
+        """Keys (``hook_k``; ``n_key_value_heads`` heads, before rotary embeddings)."""
+        return self.get("k", layer)
+
+    def v(self, layer: int) -> Float[Tensor, "batch pos kv_head d_head"]:
+        """Values (``hook_v``; ``n_key_value_heads`` heads)."""
+        return self.get("v", layer)
+
+    def grad(self, site: str, layer: int) -> Tensor:
+        """``d metric / d activation`` of ``site`` at ``layer`` (a gradient trace only)."""
+        self.get(site, layer)
+        if not self.grads:
+            raise HookNameError(
+                "this trace holds no gradients; trace with mechscope.probes.trace_with_grad"
+            )
+        return self.grads[key_for(site, layer)]
 
     def ffn(self, layer: int) -> Float[Tensor, "batch pos d_mlp"]:
         """FFN activations after the nonlinearity (``mlp.hook_post``)."""
@@ -151,15 +181,18 @@ def concat_traces(parts: list[Trace]) -> Trace:
         return parts[0]
     max_pos = max(p.tokens.shape[1] for p in parts)
     restricted = parts[0].positions is not None
-    tensors: dict[str, Tensor] = {}
-    for key in parts[0].tensors:
-        site, _ = split_key(key)
-        spec = SITE_SPECS[site]
-        # Key axes of patterns always span the sequence; query/pos axes only when unrestricted.
-        axes: tuple[int, ...] = () if restricted else spec.pos_axes
-        if site == "patterns":
-            axes = (*axes, 3)
-        tensors[key] = torch.cat([_pad_to(p.tensors[key], axes, max_pos) for p in parts])
+
+    def join(mappings: list[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for key in mappings[0]:
+            spec = SITE_SPECS[split_key(key)[0]]
+            # Key axes always span the sequence; query/pos axes only when unrestricted.
+            axes = spec.key_axes if restricted else (*spec.pos_axes, *spec.key_axes)
+            out[key] = torch.cat([_pad_to(m[key], axes, max_pos) for m in mappings])
+        return out
+
+    tensors = join([p.tensors for p in parts])
+    grads = join([p.grads for p in parts]) if parts[0].grads else {}
     return Trace(
         tensors=tensors,
         tokens=torch.cat([_pad_to(p.tokens, (1,), max_pos) for p in parts]),
@@ -168,6 +201,7 @@ def concat_traces(parts: list[Trace]) -> Trace:
         top_logprobs=torch.cat([p.top_logprobs for p in parts]),
         positions=torch.cat([p.positions for p in parts]) if restricted else None,  # type: ignore[misc]
         meta=parts[0].meta,
+        grads=grads,
     )
 
 
@@ -207,6 +241,7 @@ class TraceWriter:
         assert self._tmp is not None, "use TraceWriter as a context manager"
         name = f"shard-{len(self.shards):05d}.safetensors"
         payload = {k: v.contiguous() for k, v in trace.tensors.items()}
+        payload.update({_GRAD + k: v.contiguous() for k, v in trace.grads.items()})
         for attr in _RESERVED:
             value = getattr(trace, attr)
             if value is not None:
@@ -249,7 +284,8 @@ def iter_shards(directory: str | Path) -> Iterator[Trace]:
     for shard in index["shards"]:
         payload = load_file(str(directory / shard["file"]))
         extra = {a: payload.pop(f"__{a}__", None) for a in _RESERVED}
-        yield Trace(tensors=payload, meta=index["meta"], **extra)  # type: ignore[arg-type]
+        grads = {k[len(_GRAD):]: payload.pop(k) for k in list(payload) if k.startswith(_GRAD)}
+        yield Trace(tensors=payload, meta=index["meta"], grads=grads, **extra)  # type: ignore[arg-type]
 
 
 def open_trace(directory: str | Path) -> Trace:

@@ -5,7 +5,9 @@ attached (through :func:`mechscope.probes.hooks.hooked`, the one place hooks are
 on exit they are removed, also when a forward raises. ``run`` batches prompts, right-pads them
 with an attention mask, and returns a :class:`~mechscope.probes.trace.Trace` in memory, or
 streams one safetensors shard per batch to a folder so memory does not grow with the number of
-prompts.
+prompts. Before any forward, prompts are checked against the context (no silent truncation) and
+the run's size against a memory budget (:mod:`mechscope.probes.budget`). With ``grad=True``
+(:func:`trace_with_grad`) it also returns ``d metric / d activation`` for attribution patching.
 
 Per-head residual contributions (``head_resid`` = ``z @ W_O``) are computed in the hook from the
 captured ``hook_z`` (only for the selected heads and positions) instead of enabling
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -34,12 +36,19 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechscope.errors import HookNameError, InputError
+from mechscope.probes import budget
 from mechscope.probes.hooks import hooked
 from mechscope.probes.sites import SITE_SPECS, hook_for, key_for, parse_sites
+from mechscope.probes.tokens import Prompts, tokenize
 from mechscope.probes.trace import Trace, TraceWriter, concat_traces
+from mechscope.types import Model
+
+__all__ = ["Metric", "Prompts", "TraceConfig", "Tracer", "tokenize", "trace", "trace_with_grad"]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "float64": torch.float64}
+
+Metric = Callable[[Tensor], Tensor]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,22 +58,32 @@ class TraceConfig:
     Attributes:
         sites: site names (see :mod:`mechscope.probes.sites`).
         layers: layers to capture; None for all.
-        heads: heads to keep on head-indexed sites (``heads``, ``head_resid``, ``patterns``);
-            None for all.
+        heads: query heads to keep on head-indexed sites (``heads``, ``head_resid``,
+            ``patterns``, ``attn_scores``, ``q``); None for all.
+        kv_heads: key/value heads to keep on ``k`` and ``v`` (``n_key_value_heads`` of them);
+            None for all, or, on a model without grouped-query attention, the same as ``heads``.
+            With ``heads`` set, a GQA model needs ``kv_heads`` for k/v (a query head is not a kv
+            head there).
         positions: positions to keep (negative counts from each row's last real token, so
             ``(-1,)`` is the last token of every prompt); None for all.
         dtype: dtype of the stored tensors.
         batch_size: prompts per forward.
         top_k: how many top next-token predictions to keep per prompt.
+        max_bytes: memory budget; a run whose estimate (:mod:`mechscope.probes.budget`) is
+            larger is refused before any forward. None: ``$MECHSCOPE_MAX_BYTES``, else 4 GiB.
+        grad: also capture ``d metric / d activation`` (see :func:`trace_with_grad`).
     """
 
     sites: tuple[str, ...] = ("heads",)
     layers: tuple[int, ...] | None = None
     heads: tuple[int, ...] | None = None
+    kv_heads: tuple[int, ...] | None = None
     positions: tuple[int, ...] | None = None
     dtype: str = "float32"
     batch_size: int = 8
     top_k: int = 5
+    max_bytes: int | None = None
+    grad: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sites", parse_sites(self.sites))
@@ -74,64 +93,28 @@ class TraceConfig:
             raise InputError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.positions is not None and not self.positions:
             raise InputError("positions=() captures nothing; pass None for all positions")
+        if self.max_bytes is not None and self.max_bytes < 1:
+            raise InputError(f"max_bytes must be a positive number of bytes, got {self.max_bytes}")
 
 
-# Token ids are an integer [batch, pos] tensor; any other tensor gets a clear InputError.
-Prompts = str | Sequence[str] | Tensor | Sequence[Sequence[int]]
+def _check_heads(what: str, heads: tuple[int, ...] | None, n: int) -> None:
+    if heads is not None:
+        bad = [h for h in heads if not 0 <= h < n]
+        if bad:
+            raise HookNameError(f"{what} {bad} out of range; the model has {n} {what} per layer")
 
 
-def tokenize(model: Any, prompts: Prompts, *, pad_id: int | None = None
-             ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, " batch"]]:
-    """Turn prompts into right-padded token ids and real lengths, checking the input.
+def _fires_real_scores(attn: Any) -> bool:
+    """Whether this attention bridge fires ``hook_attn_scores`` with pre-softmax scores.
 
-    Strings are tokenized one by one with the model's tokenizer (``to_tokens``, which adds BOS
-    where the model expects it); token tensors are used as they are (all rows full length).
+    TransformerLens 4.3's generic ``AttentionBridge.forward`` (native/zoo models) fires it post
+    hoc with the module's second output, the post-softmax pattern; the bridges that compute the
+    attention themselves (HF Llama, GPT-2, BERT, ...) override ``forward`` and fire real scores.
     """
-    n_ctx = int(model.cfg.n_ctx)
-    if isinstance(prompts, Tensor):
-        if prompts.ndim == 1:
-            prompts = prompts[None]
-        if prompts.ndim != 2 or prompts.shape[1] == 0 or prompts.shape[0] == 0:
-            raise InputError(f"token ids must be a non-empty [batch, pos] tensor, got {tuple(prompts.shape)}")
-        if prompts.dtype.is_floating_point:
-            raise InputError("token ids must be integers, got a floating-point tensor")
-        rows: list[Tensor] = list(prompts.long())
-    else:
-        items = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not items:
-            raise InputError("no prompt given; pass at least one non-empty prompt")
-        rows = []
-        for i, item in enumerate(items):
-            if isinstance(item, str):
-                if not item.strip():
-                    raise InputError(f"prompt {i} is empty; give it some text")
-                if model.tokenizer is None:
-                    raise InputError(
-                        "this model has no tokenizer (a native/zoo model); pass token ids instead of text"
-                    )
-                rows.append(model.to_tokens(item)[0].long().cpu())
-            else:
-                ids = torch.as_tensor(list(item), dtype=torch.long)
-                if ids.numel() == 0:
-                    raise InputError(f"prompt {i} has no tokens")
-                rows.append(ids)
-    vocab = int(model.cfg.d_vocab)
-    for i, row in enumerate(rows):
-        if row.numel() > n_ctx:
-            raise InputError(
-                f"prompt {i} has {row.numel()} tokens but the model's context is {n_ctx}; "
-                "shorten it or split it into windows"
-            )
-        if int(row.min()) < 0 or int(row.max()) >= vocab:
-            raise InputError(f"prompt {i} has token ids outside [0, {vocab}); check the tokenizer")
-    lengths = torch.tensor([r.numel() for r in rows])
-    if pad_id is None:
-        tok = getattr(model, "tokenizer", None)
-        pad_id = int(getattr(tok, "pad_token_id", None) or 0) if tok is not None else 0
-    tokens = torch.full((len(rows), int(lengths.max())), pad_id, dtype=torch.long)
-    for i, row in enumerate(rows):
-        tokens[i, : row.numel()] = row
-    return tokens, lengths
+    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
+
+    return type(attn).forward is not AttentionBridge.forward or bool(
+        getattr(attn, "requires_relative_position_bias", False))
 
 
 class Tracer:
@@ -140,48 +123,75 @@ class Tracer:
     Args:
         model: a ``TransformerBridge``.
         config: a :class:`TraceConfig`; or give its fields as keyword arguments.
+
+    Hooks are attached as readers (``role="read"``), so they run after every intervention's
+    writer on the same hook point and record the patched value. A gradient tracer
+    (``grad=True``) attaches writers that return the activation unchanged (TransformerLens
+    hands a reader a reshaped view that is not on the autograd path); enter it *inside* an
+    intervention so that the intervention's writers run first.
     """
 
-    def __init__(self, model: Any, config: TraceConfig | None = None, **fields: Any) -> None:
+    def __init__(self, model: Model, config: TraceConfig | None = None, **fields: Any) -> None:
         config = config or TraceConfig()
         if fields:
             config = replace(config, **fields)
         self.model = model
         self.config = config
-        n_layers = int(model.cfg.n_layers)
+        cfg = model.cfg
+        n_layers = int(cfg.n_layers)
         layers = config.layers if config.layers is not None else tuple(range(n_layers))
         bad = [layer for layer in layers if not -n_layers <= layer < n_layers]
         if bad:
             raise HookNameError(f"layers {bad} out of range; the model has {n_layers} layers (0..{n_layers - 1})")
         self.layers = tuple(sorted({layer % n_layers for layer in layers}))
-        n_heads = int(model.cfg.n_heads)
-        if config.heads is not None:
-            bad = [h for h in config.heads if not 0 <= h < n_heads]
-            if bad:
-                raise HookNameError(f"heads {bad} out of range; the model has {n_heads} heads per layer")
-        if getattr(model.cfg, "attn_only", False):
+        self.n_heads = int(cfg.n_heads)
+        self.n_kv_heads = int(getattr(cfg, "n_key_value_heads", None) or self.n_heads)
+        _check_heads("heads", config.heads, self.n_heads)
+        _check_heads("kv heads", config.kv_heads, self.n_kv_heads)
+        self.kv_heads = config.kv_heads
+        kv_sites = [s for s in config.sites if SITE_SPECS[s].kv]
+        if config.kv_heads is None and config.heads is not None and kv_sites:
+            if self.n_kv_heads != self.n_heads:
+                raise InputError(
+                    f"heads={config.heads} selects query heads, but {kv_sites} have "
+                    f"{self.n_kv_heads} key/value heads (query head h reads kv head "
+                    f"h // {self.n_heads // self.n_kv_heads}); pass kv_heads= for them"
+                )
+            self.kv_heads = config.heads
+        if getattr(cfg, "attn_only", False):
             mlp_sites = [s for s in config.sites if SITE_SPECS[s].needs_mlp]
             if mlp_sites:
                 raise HookNameError(f"sites {mlp_sites} need MLPs, but this model is attention-only")
+        if "attn_scores" in config.sites and not all(
+                _fires_real_scores(model.blocks[layer].attn) for layer in self.layers):
+            raise InputError(
+                "site 'attn_scores' is not available on this model: its TransformerLens attention "
+                "bridge (the generic AttentionBridge of native/zoo models) fires hook_attn_scores "
+                "with the post-softmax pattern, not the scores. Capture 'q' and 'k' instead "
+                "(scores = q·kᵀ / sqrt(d_head), kv head h // group) or 'patterns'"
+            )
         self._dtype = _DTYPES[config.dtype]
         self._buffer: dict[str, Tensor] = {}
+        self._live: dict[str, Tensor] = {}
         self._positions: Tensor | None = None
         self._stack: contextlib.ExitStack | None = None
         self._w_o: dict[int, Tensor] = {}
 
     # -- hooks -------------------------------------------------------------------------------
-    def _hook_table(self) -> list[tuple[str, Callable[..., None]]]:
+    def _hook_table(self) -> list[tuple[str, Callable[..., Any]]]:
         by_hook: dict[str, list[tuple[str, int]]] = defaultdict(list)
         for layer in self.layers:
             for site in self.config.sites:
                 by_hook[hook_for(site, layer)].append((site, layer))
-        return [(name, self._make_hook(targets)) for name, targets in by_hook.items()]
+            if self.config.grad and "head_resid" in self.config.sites:
+                by_hook[hook_for("attn_out", layer)] += []  # d/d attn_out, for head_resid grads
+        return [(name, self._make_hook(name, targets)) for name, targets in by_hook.items()]
 
     def _select(self, site: str, act: Tensor) -> Tensor:
         spec = SITE_SPECS[site]
-        if self.config.heads is not None and spec.head_axis is not None:
-            idx = torch.tensor(self.config.heads, device=act.device)
-            act = act.index_select(spec.head_axis, idx)
+        heads = self.kv_heads if spec.kv else self.config.heads
+        if heads is not None and spec.head_axis is not None:
+            act = act.index_select(spec.head_axis, torch.tensor(heads, device=act.device))
         if self._positions is not None:
             axis = spec.pos_axes[0]
             pos = self._positions.to(act.device)  # [batch, n_pos]
@@ -191,13 +201,18 @@ class Tracer:
             act = moved.gather(1, index).movedim(1, axis)
         return act
 
-    def _make_hook(self, targets: list[tuple[str, int]]) -> Callable[..., None]:
-        def hook(act: Tensor, hook: Any) -> None:
+    def _make_hook(self, name: str, targets: list[tuple[str, int]]) -> Callable[..., Any]:
+        grad = self.config.grad
+
+        def hook(act: Tensor, hook: Any) -> Tensor | None:
+            if grad:
+                self._live[name] = act
             for site, layer in targets:
                 sel = self._select(site, act.detach())
                 if site == "head_resid":
                     sel = torch.einsum("bphd,hdm->bphm", sel, self._w_o_for(layer).to(sel.dtype))
                 self._buffer[key_for(site, layer)] = sel.to(self._dtype, copy=True)
+            return act if grad else None  # a gradient tracer keeps `act` on the autograd path
 
         return hook
 
@@ -211,13 +226,17 @@ class Tracer:
 
     def __enter__(self) -> Tracer:
         stack = contextlib.ExitStack()
-        stack.enter_context(hooked(self.model, self._hook_table()))
+        table = self._hook_table()
+        if self.config.grad:
+            stack.enter_context(hooked(self.model, table, role="write"))
+        else:
+            stack.enter_context(hooked(self.model, table, role="read"))
         self._stack = stack
         return self
 
     def __exit__(self, *exc: Any) -> None:
         stack, self._stack = self._stack, None
-        self._buffer = {}
+        self._buffer, self._live = {}, {}
         if stack is not None:
             stack.close()
 
@@ -234,22 +253,35 @@ class Tracer:
             )
         return pos
 
-    def forward(self, tokens: Int[Tensor, "batch pos"], lengths: Int[Tensor, " batch"] | None = None
-                ) -> tuple[Float[Tensor, "batch pos vocab"], Trace]:
-        """One forward on a padded batch; returns the logits and what was captured."""
+    def forward(self, tokens: Int[Tensor, "batch pos"], lengths: Int[Tensor, " batch"] | None = None,
+                *, metric: Metric | None = None) -> tuple[Float[Tensor, "batch pos vocab"], Trace]:
+        """One forward on a right-padded batch; returns the logits and what was captured.
+
+        A gradient tracer needs ``metric(logits) -> scalar``; the trace's ``grads`` then hold
+        ``d metric / d activation`` from one backward.
+        """
         if self._stack is None:
             raise RuntimeError("use the Tracer as a context manager: `with Tracer(model) as t:`")
+        if self.config.grad and metric is None:
+            raise InputError("a gradient tracer (grad=True) needs metric=fn(logits) -> scalar")
         if lengths is None:
             lengths = torch.full((tokens.shape[0],), tokens.shape[1])
         self._positions = self._resolve_positions(lengths)
-        self._buffer = {}
+        self._buffer, self._live = {}, {}
         device = getattr(self.model.cfg, "device", None) or "cpu"
         kwargs: dict[str, Any] = {}
         if bool((lengths < tokens.shape[1]).any()):
             mask = torch.arange(tokens.shape[1])[None, :] < lengths[:, None]
             kwargs["attention_mask"] = mask.long().to(device)
-        with torch.no_grad():
-            logits = self.model(tokens.to(device), **kwargs)
+        grads: dict[str, Tensor] = {}
+        try:
+            with torch.enable_grad() if self.config.grad else torch.no_grad():
+                logits = self.model(tokens.to(device), **kwargs)
+                if metric is not None and self.config.grad:
+                    grads = self._grads(metric(logits))
+        finally:
+            self._live = {}
+        logits = logits.detach()
         rows = torch.arange(tokens.shape[0])
         last = logits[rows, (lengths - 1).to(logits.device)].float()
         if not bool(torch.isfinite(last).all()):
@@ -263,9 +295,39 @@ class Tracer:
             top_logprobs=top.values.cpu(),
             positions=self._positions,
             meta=self._meta(),
+            grads=grads,
         )
         self._buffer = {}
         return logits, trace
+
+    def _grads(self, value: Tensor) -> dict[str, Tensor]:
+        """``d value / d activation`` for every captured key, selected like the activations."""
+        if not isinstance(value, Tensor) or value.numel() != 1:
+            raise InputError("metric(logits) must return a scalar tensor (e.g. a mean or a sum)")
+        names = [n for n, a in self._live.items() if a.requires_grad]
+        if not value.requires_grad or not names:
+            raise InputError(
+                "the metric does not depend on the captured activations through autograd; "
+                "check that the model's parameters require grad and the metric uses the logits"
+            )
+        found = torch.autograd.grad(value, [self._live[n] for n in names], allow_unused=True)
+        by_name = dict(zip(names, found, strict=True))
+        # Not on the path (unused, or replaced by a constant upstream): the gradient is zero.
+        raw = {n: g if (g := by_name.get(n)) is not None else torch.zeros_like(a)
+               for n, a in self._live.items()}
+        out: dict[str, Tensor] = {}
+        for layer in self.layers:
+            for site in self.config.sites:
+                key = key_for(site, layer)
+                if site == "head_resid":
+                    # attn_out = sum_h head_resid_h + b_O, so d m/d head_resid_h = d m/d attn_out.
+                    g = self._select("attn_out", raw[hook_for("attn_out", layer)])
+                    n = self._buffer[key].shape[2]
+                    sel = g.unsqueeze(2).expand(-1, -1, n, -1)
+                else:
+                    sel = self._select(site, raw[hook_for(site, layer)])
+                out[key] = sel.detach().to(self._dtype, copy=True)
+        return out
 
     def _meta(self) -> dict[str, Any]:
         from mechscope.models.loading import spec_of
@@ -275,28 +337,64 @@ class Tracer:
             "sites": list(self.config.sites),
             "layers": list(self.layers),
             "heads": list(self.config.heads) if self.config.heads is not None else None,
+            "kv_heads": list(self.kv_heads) if self.kv_heads is not None else None,
             "positions": list(self.config.positions) if self.config.positions else None,
             "dtype": self.config.dtype,
+            "grad": self.config.grad,
             "model": spec_of(self.model),
             "n_layers": int(cfg.n_layers),
-            "n_heads": int(cfg.n_heads),
+            "n_heads": self.n_heads,
+            "n_kv_heads": self.n_kv_heads,
             "d_model": int(cfg.d_model),
         }
 
-    def run(self, prompts: Prompts, *, out_dir: str | Path | None = None,
-            progress: bool = True) -> Trace:
+    def estimate(self, prompts: Prompts, *, streamed: bool = False, corrupt: bool = False
+                 ) -> budget.Estimate:
+        """The bytes a run over ``prompts`` will capture, and the forward's working memory."""
+        return self._estimate(*tokenize(self.model, prompts, corrupt=corrupt), streamed=streamed)
+
+    def _estimate(self, tokens: Tensor, lengths: Tensor, *, streamed: bool) -> budget.Estimate:
+        cfg = self.model.cfg
+        sizes = budget.Sizes(
+            n_heads=self.n_heads, n_kv_heads=self.n_kv_heads, d_head=int(cfg.d_head),
+            d_model=int(cfg.d_model), d_mlp=int(getattr(cfg, "d_mlp", None) or 0),
+            d_vocab=int(cfg.d_vocab), n_layers=int(cfg.n_layers))
+        bs = self.config.batch_size
+        batches = [(int(lengths[s:s + bs].numel()), int(lengths[s:s + bs].max()))
+                   for s in range(0, len(lengths), bs)]
+        heads = None if self.config.heads is None else len(self.config.heads)
+        kv_heads = None if self.kv_heads is None else len(self.kv_heads)
+        n_pos = None if self.config.positions is None else len(self.config.positions)
+        return budget.estimate(
+            sizes, sites=self.config.sites, n_layers=len(self.layers), batches=batches,
+            streamed=streamed, itemsize=self._dtype.itemsize, n_pos=n_pos, heads=heads,
+            kv_heads=kv_heads, grad=self.config.grad)
+
+    def run(self, prompts: Prompts, *, out_dir: str | Path | None = None, progress: bool = True,
+            corrupt: bool = False, metric: Metric | None = None) -> Trace:
         """Trace prompts in batches.
 
         Args:
-            prompts: a string, a list of strings, or token ids ``[batch, pos]``.
+            prompts: a string, a list of strings, token ids ``[batch, pos]``, or a
+                :class:`~mechscope.tasks.TaskBatch` (its clean rows and lengths).
             out_dir: stream one shard per batch to this new folder (bounded memory); the
                 returned trace then holds only the last batch's tensors plus the folder in
                 ``meta["path"]`` — reopen the whole with :func:`mechscope.probes.open_trace`.
             progress: show a progress bar on stderr.
+            corrupt: trace a TaskBatch's corrupt rows instead of its clean rows.
+            metric: for a gradient tracer, ``metric(logits) -> scalar``, applied to each
+                batch's logits (so use a sum over rows, or one batch, for grads that do not
+                depend on how prompts are batched).
+
+        Raises:
+            InputError: bad prompts, a prompt longer than the context, or an estimated size
+                over the memory budget (checked before any forward).
         """
         from tqdm.auto import tqdm
 
-        tokens, lengths = tokenize(self.model, prompts)
+        tokens, lengths = tokenize(self.model, prompts, corrupt=corrupt)
+        est = self._estimate(tokens, lengths, streamed=out_dir is not None)
+        budget.check(est, budget.max_bytes(self.config.max_bytes), longest=int(lengths.max()))
         bs = self.config.batch_size
         starts = range(0, tokens.shape[0], bs)
         bar = tqdm(starts, desc="trace", unit="batch", disable=not progress or len(starts) < 2,
@@ -307,7 +405,7 @@ class Tracer:
                 for start in bar:
                     sl = slice(start, start + bs)
                     n = int(lengths[sl].max())
-                    _, last = self.forward(tokens[sl, :n], lengths[sl])
+                    _, last = self.forward(tokens[sl, :n], lengths[sl], metric=metric)
                     writer.write(last)
             assert last is not None
             return replace(last, meta={**last.meta, "path": str(out_dir)})
@@ -315,12 +413,39 @@ class Tracer:
         for start in bar:
             sl = slice(start, start + bs)
             n = int(lengths[sl].max())
-            parts.append(self.forward(tokens[sl, :n], lengths[sl])[1])
+            parts.append(self.forward(tokens[sl, :n], lengths[sl], metric=metric)[1])
         return concat_traces(parts)
 
 
-def trace(model: Any, prompts: Prompts, config: TraceConfig | None = None, *,
-          out_dir: str | Path | None = None, progress: bool = True, **fields: Any) -> Trace:
+def trace(model: Model, prompts: Prompts, config: TraceConfig | None = None, *,
+          out_dir: str | Path | None = None, progress: bool = True, corrupt: bool = False,
+          **fields: Any) -> Trace:
     """One-call tracing: ``with Tracer(model, config) as t: return t.run(prompts)``."""
     with Tracer(model, config, **fields) as tracer:
-        return tracer.run(prompts, out_dir=out_dir, progress=progress)
+        return tracer.run(prompts, out_dir=out_dir, progress=progress, corrupt=corrupt)
+
+
+def trace_with_grad(model: Model, prompts: Prompts, metric: Metric,
+                    config: TraceConfig | None = None, *, out_dir: str | Path | None = None,
+                    progress: bool = True, corrupt: bool = False, **fields: Any) -> Trace:
+    """Activations and ``d metric / d activation`` of the chosen sites, from one backward.
+
+    For attribution patching: the returned trace's ``tensors`` hold the activations and its
+    ``grads`` the gradients, same keys and shapes (restrictions applied), zeros where the metric
+    does not depend on an activation. ``metric(logits) -> scalar`` is applied to each batch's
+    logits. ``head_resid`` grads are ``d metric / d attn_out`` for every head (``attn_out`` is the
+    sum of the heads' ``head_resid`` plus ``b_O``). Only activations are differentiated, never
+    parameters (no ``.grad`` is written).
+
+    >>> import torch
+    >>> from mechscope.models import load
+    >>> model = load("native:n_layers=1,d_model=16,n_heads=2,d_head=8,d_vocab=11,n_ctx=8")
+    >>> tr = trace_with_grad(model, torch.tensor([[1, 2, 3]]), lambda logits: logits[0, -1, 4],
+    ...                      sites=("resid",), progress=False)
+    >>> tr.grads["resid.0"].shape == tr.resid(0).shape
+    True
+    """
+    config = replace(config or TraceConfig(), **fields, grad=True)
+    with Tracer(model, config) as tracer:
+        return tracer.run(prompts, out_dir=out_dir, progress=progress, corrupt=corrupt,
+                          metric=metric)

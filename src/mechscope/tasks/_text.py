@@ -15,16 +15,16 @@ from __future__ import annotations
 import importlib
 import inspect
 import weakref
-from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
-import torch
-from jaxtyping import Int
-from torch import Tensor
 
 from mechscope.errors import InputError
+from mechscope.tasks.base import pad_id, right_pad
+
+__all__ = ["as_tokenizer", "bos_prefix", "check_n", "encode", "pad_id", "right_pad",
+           "single_token", "stdlib_corpus", "corpus_tokens", "haystack"]
 
 #: The standard-library modules whose docstrings make the haystack (sorted, platform-neutral).
 STDLIB_MODULES: tuple[str, ...] = (
@@ -68,29 +68,10 @@ def bos_prefix(tok: Any, prepend_bos: bool) -> list[int]:
     return [int(bos)] if prepend_bos and bos is not None else []
 
 
-def pad_id(tok: Any) -> int:
-    """The id used to right-pad rows: pad, else eos, else 0."""
-    for name in ("pad_token_id", "eos_token_id"):
-        value = getattr(tok, name, None)
-        if value is not None:
-            return int(value)
-    return 0
-
-
 def single_token(tok: Any, text: str) -> int | None:
     """The id of ``text`` if it is exactly one token, else ``None``."""
     ids = encode(tok, text)
     return ids[0] if len(ids) == 1 else None
-
-
-def right_pad(rows: Sequence[Sequence[int]], pad: int) -> Int[Tensor, "batch pos"]:
-    """Stack rows of unequal length, padding on the right (earlier positions are unaffected in a
-    causal model; score each row at its own ``answer_pos``)."""
-    width = max(len(r) for r in rows)
-    out = torch.full((len(rows), width), pad, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
-    return out
 
 
 def check_n(n: int) -> None:

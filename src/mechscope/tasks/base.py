@@ -4,11 +4,23 @@ Every generator in :mod:`mechscope.tasks` returns a :class:`TaskBatch`. Clean an
 always have the same length (so a corrupt activation can be patched into a clean run position
 by position), the corrupt prompt calls for a different answer, and the same seed gives the same
 batch.
+
+Padding has ONE rule in mechscope, used by the task generators and by the tracer alike: rows of
+unequal length are padded on the right (:func:`right_pad`) with :func:`pad_id` (the tokenizer's
+``pad_token_id``, else 0), and the real length of every row travels with it
+(``TaskBatch.lengths``; the tracer builds its attention mask from it). With right padding the
+positions before a row's end are unaffected by the padding in a causal model, so a row is scored
+at its own ``answer_pos`` (``lengths - 1`` for every generator here: the answer is the next token
+after the prompt).
+
+>>> right_pad([[5, 6, 7], [8]], pad_id(None))
+tensor([[5, 6, 7],
+        [8, 0, 0]])
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -19,6 +31,26 @@ from torch import Tensor
 from mechscope.errors import InputError
 
 MetricKind = Literal["logit_diff", "prob", "logprob"]
+
+
+def pad_id(tok: Any) -> int:
+    """The id rows are right-padded with: ``tok.pad_token_id`` when it is set, else 0.
+
+    ``tok`` is a Hugging Face tokenizer, an object with a ``.tokenizer`` (a model), or None.
+    """
+    if tok is not None and not hasattr(tok, "pad_token_id"):
+        tok = getattr(tok, "tokenizer", None)
+    value = getattr(tok, "pad_token_id", None)
+    return int(value) if value is not None else 0
+
+
+def right_pad(rows: Sequence[Sequence[int]], pad: int) -> Int[Tensor, "batch pos"]:
+    """Stack rows of unequal length, padding on the right with ``pad``."""
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), pad, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.as_tensor(list(r), dtype=torch.long)
+    return out
 
 
 @dataclass(frozen=True, eq=False)
@@ -35,6 +67,9 @@ class TaskBatch:
         answer_pos: the position whose next-token logits are scored, per row.
         seed: the seed that generated the batch.
         meta: generator-specific details (depths, spans, names, ...), JSON-serialisable.
+        lengths: the real (unpadded) length of each row, the same for clean and corrupt;
+            None (the default) means every row is full length, and is replaced by that tensor.
+            ``answer_pos < lengths`` always holds.
     """
 
     task: str
@@ -45,6 +80,7 @@ class TaskBatch:
     answer_pos: Int[Tensor, " batch"]
     seed: int
     meta: Mapping[str, Any] = field(default_factory=dict)
+    lengths: Int[Tensor, " batch"] | None = None
 
     def __post_init__(self) -> None:
         if self.clean.ndim != 2:
@@ -61,6 +97,27 @@ class TaskBatch:
                 raise InputError(f"{name} must have shape ({b},), got {tuple(t.shape)}")
         if b == 0 or self.clean.shape[1] == 0:
             raise InputError("a task batch needs at least one prompt of at least one token")
+        if self.lengths is None:
+            object.__setattr__(self, "lengths", torch.full((b,), self.clean.shape[1]))
+        lengths = self.real_lengths
+        if lengths.shape != (b,) or lengths.dtype.is_floating_point:
+            raise InputError(f"lengths must be ({b},) integers, got {tuple(lengths.shape)}")
+        if bool((lengths < 1).any()) or bool((lengths > self.clean.shape[1]).any()):
+            raise InputError(
+                f"lengths must lie in [1, {self.clean.shape[1]}] (the padded width), "
+                f"got {lengths.tolist()}"
+            )
+        if bool((self.answer_pos < 0).any()) or bool((self.answer_pos >= lengths).any()):
+            raise InputError(
+                f"answer_pos {self.answer_pos.tolist()} must lie inside each row's real length "
+                f"{lengths.tolist()}; a row is scored at a real token, never at padding"
+            )
+
+    @property
+    def real_lengths(self) -> Int[Tensor, " batch"]:
+        """``lengths`` as a tensor (never None once the batch is built)."""
+        assert self.lengths is not None  # set in __post_init__
+        return self.lengths
 
     @property
     def batch_size(self) -> int:

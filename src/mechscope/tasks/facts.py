@@ -304,6 +304,7 @@ def rome_facts(
         answer=torch.tensor(ans),
         corrupt_answer=torch.tensor(cans),
         answer_pos=torch.tensor(cols[2]) - 1,
+        lengths=torch.tensor(cols[2]),
         seed=seed,
         meta={"known_id": list(cols[0]), "subject_span": list(cols[1]), "length": list(cols[2]),
               "same_relation": list(cols[3]), "dropped": dropped, "pad_id": pad},

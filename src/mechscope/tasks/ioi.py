@@ -224,6 +224,7 @@ def ioi(
         answer=torch.tensor(ans),
         corrupt_answer=torch.tensor(cans),
         answer_pos=torch.tensor(cols[7]) - 1,
+        lengths=torch.tensor(cols[7]),
         seed=seed,
         meta={"io_pos": list(cols[0]), "s1_pos": list(cols[1]), "s2_pos": list(cols[2]),
               "pattern": list(cols[3]), "template": list(cols[4]), "io": list(cols[5]),
