@@ -11,7 +11,19 @@ files moved into place and every result row inserted, in one transaction, togeth
 staged results vanish; a process killed outright leaves a ``running`` row that the next
 :class:`Store` opening marks ``failed`` when its process is gone. Readers only ever see results of
 complete runs. Several processes may write to one store at once (SQLite's locking plus a busy
-timeout).
+timeout). A writer opening the store also deletes the tensor folders that crashes leave behind
+(folders of runs that are neither complete nor still running), so a crash at any moment leaves
+neither half a result nor stray files.
+
+``Store(root, readonly=True)`` is for readers (the dashboard, reports, ``mechscope runs``): it
+changes nothing on disk, creates no folder, reaps nothing, refuses :meth:`Store.run` and
+:meth:`Store.delete_run`, and works on folders and file systems the user cannot write to.
+
+The database records its schema version (``PRAGMA user_version``, :data:`SCHEMA_VERSION`); a store
+written by a newer mechscope is refused with a message to upgrade. Stored JSON is always valid
+JSON: numpy and torch values are converted, and a NaN or infinity in a JSON result is an
+:class:`~mechscope.errors.InputError` naming where it is (in a table a NaN cell becomes ``None``,
+an infinite one is an error). Files and folders get the modes the user's umask allows.
 
 >>> import tempfile, torch
 >>> store = Store(tempfile.mkdtemp())
@@ -22,10 +34,12 @@ timeout).
 ['complete']
 >>> store.table(run.id, "scores").to_dict("records")
 [{'head': '0.1', 'score': 0.5}]
+>>> Store(store.root, readonly=True).latest("example").id == run.id
+True
 """
 
 from __future__ import annotations
 
-from mechscope.store.db import RunRecord, RunWriter, Store
+from mechscope.store.db import SCHEMA_VERSION, RunRecord, RunWriter, Store
 
-__all__ = ["RunRecord", "RunWriter", "Store"]
+__all__ = ["SCHEMA_VERSION", "RunRecord", "RunWriter", "Store"]
