@@ -65,7 +65,7 @@ from mechscope.errors import InputError, StoreError
 from mechscope.figures import layer_head_heatmap, token_layer_heatmap
 from mechscope.models.loading import fingerprint, spec_of
 from mechscope.store import Store
-from mechscope.store.db import package_versions
+from mechscope.store.jsonsafe import package_versions
 from mechscope.types import Model
 
 #: Bumped whenever the stored layout of a Result changes; :meth:`Result.load` refuses others.
@@ -336,10 +336,8 @@ class Result(ABC):
         meta = {"class": class_name(type(self)), "format": FORMAT_VERSION,
                 "fields": list(payloads)}  # fmt: skip
         prov = self.provenance
-        writer = store.run(self.kind, config=prov.config, model_spec=prov.model_spec,
-                           seed=prov.seed)  # fmt: skip
-        writer.fingerprint = prov.model_fingerprint  # the result's model, not one loaded now
-        with writer as run:
+        with store.run(self.kind, config=prov.config, model_spec=prov.model_spec, seed=prov.seed,
+                       model_fingerprint=prov.model_fingerprint) as run:
             run.add_json("result", meta)
             run.add_json("provenance", asdict(prov))
             run.add_table("frame", frame)

@@ -40,6 +40,7 @@ True
 
 from __future__ import annotations
 
-from mechscope.store.db import SCHEMA_VERSION, RunRecord, RunWriter, Store
+from mechscope.store.db import SCHEMA_VERSION, RunRecord, Store
+from mechscope.store.writer import RunWriter
 
 __all__ = ["SCHEMA_VERSION", "RunRecord", "RunWriter", "Store"]

@@ -2,27 +2,24 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import os
-import platform
 import re
 import shutil
 import socket
 import sqlite3
-import sys
 import time
-import uuid
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from mechscope.errors import InputError, StoreError
+from mechscope.errors import StoreError
+from mechscope.store.writer import RunWriter
+from mechscope.types import Model
 
 SCHEMA_VERSION = 1
 """The store schema version this mechscope writes and understands (SQLite ``PRAGMA user_version``).
@@ -60,114 +57,6 @@ CREATE TABLE IF NOT EXISTS results (
 );
 CREATE INDEX IF NOT EXISTS runs_created ON runs(created);
 """
-
-
-def package_versions() -> dict[str, str]:
-    """Versions of the packages a result depends on."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for name in ("mechscope", "torch", "transformer-lens", "transformers", "numpy"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
-_FIX = "replace it with None or a finite number"
-
-
-def _bad_float(value: float, where: str, path: str, nan_to_none: bool) -> None:
-    """``None`` for a NaN that may become ``None``; raise :class:`InputError` otherwise."""
-    if math.isnan(value) and nan_to_none:
-        return None
-    bad = "NaN" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    raise InputError(f"{where} has {bad} at {path or 'the top level'}; {_FIX}")
-
-
-def _json_key(key: Any, where: str, path: str) -> str:
-    """A mapping key as JSON writes it (``json.dumps`` turns ``1`` into ``"1"``, ...)."""
-    if isinstance(key, str):
-        return key
-    plain = _jsonable(key, where, path)
-    if isinstance(plain, str):
-        return plain
-    if plain is None or isinstance(plain, bool | int | float):
-        return json.dumps(plain)
-    return str(plain)
-
-
-def _jsonable(value: Any, where: str, path: str = "", *, nan_to_none: bool = False) -> Any:
-    """``value`` as plain JSON data (dict/list/str/int/float/bool/None), checked to be finite.
-
-    Converts numpy arrays and scalars, torch tensors, dataclass instances, paths, tuples and sets
-    (recursively); anything else becomes ``str(value)``. A NaN or +-inf anywhere raises
-    :class:`InputError` naming ``where`` and the path of the value (``['scores'][3]``), except that
-    with ``nan_to_none`` a NaN becomes ``None`` (tables: NaN is a missing cell; inf stays an
-    error). pandas' ``NA``/``NaT`` become ``None``.
-    """
-    if value is None or isinstance(value, str | bool):
-        return value
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        value = float(value)
-        return value if math.isfinite(value) else _bad_float(value, where, path, nan_to_none)
-    if isinstance(value, torch.Tensor):
-        t = value.detach().cpu()
-        if t.dtype == torch.bool or not (t.is_floating_point() or t.is_complex()):
-            return t.tolist()
-        if t.is_floating_point() and bool(torch.isfinite(t).all()):
-            return t.tolist()
-        return _jsonable(t.tolist(), where, path, nan_to_none=nan_to_none)  # slow path: find it
-    np = sys.modules.get("numpy")
-    if np is not None:
-        if isinstance(value, np.ndarray):
-            if value.dtype.kind in "biu":
-                return value.tolist()
-            if value.dtype.kind == "f" and bool(np.isfinite(value).all()):
-                return value.tolist()
-            return _jsonable(value.tolist(), where, path, nan_to_none=nan_to_none)
-        if isinstance(value, np.generic):
-            return _jsonable(value.item(), where, path, nan_to_none=nan_to_none)
-    if isinstance(value, Mapping):
-        out = {}
-        for key, item in value.items():
-            k = _json_key(key, where, path)
-            out[k] = _jsonable(item, where, f"{path}[{k!r}]", nan_to_none=nan_to_none)
-        return out
-    if isinstance(value, list | tuple | set | frozenset):
-        items = list(value)
-        if isinstance(value, set | frozenset):
-            with suppress(TypeError):  # sorted when the items can be ordered
-                items = sorted(items)
-        return [_jsonable(v, where, f"{path}[{i}]", nan_to_none=nan_to_none)
-                for i, v in enumerate(items)]
-    if isinstance(value, PurePath):
-        return str(value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _jsonable(getattr(value, f.name), where, f"{path}[{f.name!r}]",
-                                  nan_to_none=nan_to_none)
-                for f in dataclasses.fields(value)}
-    pd = sys.modules.get("pandas")
-    if pd is not None and (value is pd.NA or value is pd.NaT):
-        return None
-    for method in ("item", "tolist"):  # other array libraries' scalars and arrays
-        convert = getattr(value, method, None)
-        if callable(convert):
-            try:
-                plain = convert()
-            except (TypeError, ValueError):
-                continue
-            if plain is not value:
-                return _jsonable(plain, where, path, nan_to_none=nan_to_none)
-    return str(value)
-
-
-def _dumps(value: Any) -> str:
-    """JSON text of already plain data; never writes ``NaN``/``Infinity`` (invalid JSON)."""
-    return json.dumps(value, allow_nan=False)
 
 
 @dataclass(frozen=True)
@@ -443,15 +332,20 @@ class Store:
                              f"open it with Store({str(self.root)!r}) to {action}")
 
     # -- writing -----------------------------------------------------------------------------
-    def run(self, kind: str, *, config: Mapping[str, Any] | Any = None, model: Any = None,
-            model_spec: str | None = None, seed: int | None = None) -> RunWriter:
+    def run(self, kind: str, *, config: Mapping[str, Any] | Any = None, model: Model | None = None,
+            model_spec: str | None = None, seed: int | None = None,
+            model_fingerprint: str | None = None) -> RunWriter:
         """Start a run; use it as a context manager (see :class:`RunWriter`).
+
+        The model's spec and fingerprint are recorded from ``model``, or given directly
+        (``model_spec``, ``model_fingerprint``) for results computed earlier.
 
         Raises:
             StoreError: the store was opened with ``readonly=True``.
             InputError: ``config`` holds a NaN or infinite value.
         """
-        return RunWriter(self, kind, config=config, model=model, model_spec=model_spec, seed=seed)
+        return RunWriter(self, kind, config=config, model=model, model_spec=model_spec, seed=seed,
+                         model_fingerprint=model_fingerprint)
 
     # -- reading -----------------------------------------------------------------------------
     def runs(self, *, status: str | None = None, kind: str | None = None) -> list[RunRecord]:
@@ -587,170 +481,3 @@ def _record(row: sqlite3.Row) -> RunRecord:
         versions=json.loads(row["versions"]), seed=row["seed"],
         timings=json.loads(row["timings"]), error=row["error"],
     )
-
-
-def _table_payload(name: str, data: Any) -> dict[str, Any]:
-    """Records + columns from a DataFrame, a list of dicts, or a dict of columns.
-
-    Cells go through :func:`_jsonable`: NaN (and pandas' NA/NaT) become ``None`` (a missing
-    cell), while +-inf is an :class:`InputError` naming the row and column, since ``None`` would
-    silently turn "infinitely large" into "missing".
-    """
-    if hasattr(data, "to_dict") and hasattr(data, "columns"):
-        columns = [str(c) for c in data.columns]
-        records = data.to_dict("records")
-    elif isinstance(data, Mapping):
-        columns = [str(c) for c in data]
-        lengths = {len(v) for v in data.values()}
-        if len(lengths) > 1:
-            raise InputError(f"table columns have different lengths: {sorted(lengths)}")
-        n = lengths.pop() if lengths else 0
-        records = [{c: data[c][i] for c in data} for i in range(n)]
-    elif isinstance(data, Sequence):
-        records = [dict(r) for r in data]
-        columns = list(dict.fromkeys(k for r in records for k in r))
-    else:
-        raise InputError(f"a table is a DataFrame, a list of dicts or a dict of columns, not {type(data).__name__}")
-    where = f"table {name!r}"
-    records = [{str(key): _jsonable(value, where, f"[{i}][{str(key)!r}]", nan_to_none=True)
-                for key, value in rec.items()} for i, rec in enumerate(records)]
-    return {"columns": columns, "records": records}
-
-
-class RunWriter:
-    """A run being written; results become visible only when the ``with`` block succeeds."""
-
-    def __init__(self, store: Store, kind: str, *, config: Any, model: Any,
-                 model_spec: str | None, seed: int | None) -> None:
-        from mechscope.models.loading import fingerprint, spec_of
-
-        store._require_writable("write runs")
-        self.store = store
-        self.kind = kind
-        self.id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:8]
-        if config is not None and hasattr(config, "__dataclass_fields__"):
-            from dataclasses import asdict
-
-            config = asdict(config)
-        self.config = dict(config or {})
-        self._config_json = _dumps(_jsonable(self.config, "the run config"))
-        self.model_spec = model_spec or (spec_of(model) if model is not None else None)
-        self.fingerprint = fingerprint(model) if model is not None else None
-        self.seed = seed
-        self.timings: dict[str, float] = {}
-        self._tables: dict[str, dict[str, Any]] = {}
-        self._json: dict[str, Any] = {}
-        self._tensors: dict[str, str] = {}
-        self._staging = store.root / "tensors" / f".staging-{self.id}"
-        self._t0 = 0.0
-
-    def __enter__(self) -> RunWriter:
-        self._t0 = time.time()
-        with self.store._transaction() as con:
-            con.execute(
-                "INSERT INTO runs (id, kind, status, created, config, model_spec, "
-                "model_fingerprint, versions, seed, host, pid) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (self.id, self.kind, "running", self._t0, self._config_json, self.model_spec,
-                 self.fingerprint, _dumps(package_versions()), self.seed, socket.gethostname(),
-                 os.getpid()),
-            )
-        return self
-
-    def _check_name(self, name: str) -> None:
-        if not name or "/" in name or name.startswith("."):
-            raise InputError(f"result name {name!r} must be non-empty, without '/' or a leading '.'")
-        if name in self._tables or name in self._json or name in self._tensors:
-            raise InputError(f"this run already has a result named {name!r}")
-
-    def add_table(self, name: str, data: Any) -> None:
-        """Stage a table (DataFrame, list of dicts, or dict of columns).
-
-        Cells may be numpy/torch scalars. A NaN cell is stored as ``None`` (missing); an
-        infinite cell is refused.
-
-        Raises:
-            InputError: a bad or repeated name, columns of different lengths, or a +-inf cell
-                (the message names the row and column).
-        """
-        self._check_name(name)
-        self._tables[name] = _table_payload(name, data)
-
-    def add_json(self, name: str, value: Any) -> None:
-        """Stage a JSON value, converted and checked now (later changes to ``value`` are not seen).
-
-        Beyond plain JSON types, ``value`` may contain numpy arrays and scalars, torch tensors,
-        dataclass instances, paths, tuples and sets (at any depth); other objects are stored as
-        ``str(obj)``.
-
-        Raises:
-            InputError: a bad or repeated name, or a NaN or +-inf anywhere in ``value``; the
-                message names the result and the path of the value, e.g.
-                ``result 'summary' has NaN at ['scores'][3]``.
-        """
-        self._check_name(name)
-        self._json[name] = _jsonable(value, f"result {name!r}")
-
-    def add_tensors(self, name: str, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Stage named tensors; written to the staging folder now, moved into place on commit."""
-        from safetensors.torch import save_file
-
-        self._check_name(name)
-        self._staging.mkdir(parents=True, exist_ok=True)
-        path = self._staging / f"{name}.safetensors"
-        # safetensors writes owner-only (0600) files; give it the mode the umask allows instead,
-        # read off a file created the ordinary way.
-        fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o666)
-        try:
-            mode = os.fstat(fd).st_mode & 0o777
-        finally:
-            os.close(fd)
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
-        os.chmod(path, mode)
-        self._tensors[name] = f"tensors/{self.id}/{name}.safetensors"
-
-    def time(self, label: str, seconds: float) -> None:
-        """Record a timing (seconds) under ``label``.
-
-        Raises:
-            InputError: ``seconds`` is NaN or infinite.
-        """
-        seconds = float(seconds)
-        if not math.isfinite(seconds):
-            raise InputError(f"timing {label!r} is {seconds}; time a finite number of seconds")
-        self.timings[label] = seconds
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        now = time.time()
-        self.timings.setdefault("total", now - self._t0)
-        if exc_type is not None:
-            shutil.rmtree(self._staging, ignore_errors=True)
-            with self.store._transaction() as con:
-                con.execute(
-                    "UPDATE runs SET status='failed', finished=?, timings=?, error=? WHERE id=?",
-                    (now, _dumps(self.timings), f"{exc_type.__name__}: {exc}", self.id),
-                )
-            return
-        final = self.store.root / "tensors" / self.id
-        if self._tensors:
-            os.replace(self._staging, final)
-        try:
-            with self.store._transaction() as con:
-                for name, payload in self._tables.items():
-                    con.execute("INSERT INTO results VALUES (?,?,?,?)",
-                                (self.id, name, "table", _dumps(payload)))
-                for name, value in self._json.items():
-                    con.execute("INSERT INTO results VALUES (?,?,?,?)",
-                                (self.id, name, "json", _dumps(value)))
-                for name, file in self._tensors.items():
-                    con.execute("INSERT INTO results VALUES (?,?,?,?)",
-                                (self.id, name, "tensors", _dumps({"file": file})))
-                con.execute(
-                    "UPDATE runs SET status='complete', finished=?, timings=? WHERE id=?",
-                    (now, _dumps(self.timings), self.id),
-                )
-        except BaseException:
-            shutil.rmtree(final, ignore_errors=True)
-            with self.store._transaction() as con:
-                con.execute("UPDATE runs SET status='failed', finished=?, error=? WHERE id=?",
-                            (time.time(), "could not commit the results", self.id))
-            raise
