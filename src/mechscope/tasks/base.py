@@ -22,15 +22,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mechscope import metrics
 from mechscope.errors import InputError
-
-MetricKind = Literal["logit_diff", "prob", "logprob"]
+from mechscope.metrics import MetricKind
 
 
 def pad_id(tok: Any) -> int:
@@ -129,33 +129,27 @@ class TaskBatch:
 
     def answer_logits(self, logits: Float[Tensor, "batch pos vocab"]) -> Float[Tensor, "batch vocab"]:
         """The logits at each row's ``answer_pos``."""
-        rows = torch.arange(logits.shape[0], device=logits.device)
-        return logits[rows, self.answer_pos.to(logits.device)]
+        return metrics.answer_logits(logits, self.answer_pos)
 
     def logit_diff(self, logits: Float[Tensor, "batch pos vocab"]) -> Float[Tensor, " batch"]:
-        """logit(answer) - logit(corrupt_answer) at ``answer_pos``, per row."""
-        last = self.answer_logits(logits)
-        a = last.gather(-1, self.answer.to(last.device)[:, None])[:, 0]
-        c = last.gather(-1, self.corrupt_answer.to(last.device)[:, None])[:, 0]
-        return a - c
+        """logit(answer) - logit(corrupt_answer) at ``answer_pos``, per row (float32)."""
+        return metrics.logit_diff(logits, self.answer, self.corrupt_answer, self.answer_pos)
 
     def answer_prob(self, logits: Float[Tensor, "batch pos vocab"]) -> Float[Tensor, " batch"]:
         """p(answer) at ``answer_pos``, per row."""
-        probs = self.answer_logits(logits).float().softmax(-1)
-        return probs.gather(-1, self.answer.to(probs.device)[:, None])[:, 0]
+        return metrics.answer_prob(logits, self.answer, self.answer_pos)
+
+    def metric_fn(self, kind: MetricKind = "logit_diff") -> metrics.Metric:
+        """This batch's metric as a function ``logits -> scalar`` (batch mean), e.g. for
+        :func:`mechscope.probes.trace_with_grad`; see :func:`mechscope.metrics.make_metric`."""
+        return metrics.make_metric(kind, answer=self.answer, positions=self.answer_pos,
+                                   wrong=self.corrupt_answer)
 
     def metric(
         self, logits: Float[Tensor, "batch pos vocab"], kind: MetricKind = "logit_diff"
     ) -> Float[Tensor, ""]:
         """The batch mean of a metric: ``logit_diff``, ``prob`` or ``logprob`` of the answer."""
-        if kind == "logit_diff":
-            return self.logit_diff(logits).mean()
-        if kind == "prob":
-            return self.answer_prob(logits).mean()
-        if kind == "logprob":
-            lp = self.answer_logits(logits).float().log_softmax(-1)
-            return lp.gather(-1, self.answer.to(lp.device)[:, None]).mean()
-        raise InputError(f"unknown metric {kind!r}; use 'logit_diff', 'prob' or 'logprob'")
+        return self.metric_fn(kind)(logits)
 
     def accuracy(self, logits: Float[Tensor, "batch pos vocab"]) -> float:
         """Fraction of rows whose top-1 prediction at ``answer_pos`` is ``answer``."""
