@@ -1,20 +1,27 @@
 """The ``mechscope`` command line: each verb is a thin wrapper over a public function.
 
 Every verb takes ``--json``, which prints exactly one JSON object on stdout; progress and logs go
-to stderr. Errors print one line to stderr (``error: ...``) and exit with status 2.
+to stderr. Errors (bad input, and usage errors such as an unknown verb or option) print one line
+to stderr (``error: ...``) and exit with status 2; ``mechscope`` or ``mechscope zoo`` alone
+print their help and exit with status 2. Ctrl-C prints ``interrupted`` and exits with status 130
+(a run being written to the store is marked failed, with nothing half-written).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer vendors click
+from typer.main import get_command
 
-from mechscope.errors import MechscopeError
+from mechscope.errors import MechscopeError, StoreError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="mechscope: a mechanistic-interpretability workbench.")
@@ -111,15 +118,55 @@ def trace_cmd(
     _emit(result, as_json, human)
 
 
+def _usable_store_dir(path: Path) -> bool:
+    """True when ``mechscope demo --store path`` can write there: a writable folder, or a missing
+    one whose nearest existing parent is a writable folder."""
+    probe = path.expanduser().absolute()
+    if probe.exists():
+        return probe.is_dir() and os.access(probe, os.W_OK | os.X_OK)
+    while not probe.exists():
+        probe = probe.parent
+    return probe.is_dir() and os.access(probe, os.W_OK | os.X_OK)
+
+
+def _new_store_folder(store: Path) -> Path | None:
+    """``store`` itself, or a folder beside it or here, that a store can be made in."""
+    candidates = [store, store.parent / "mechscope-store", Path("mechscope-store")]
+    return next((c for c in candidates if _usable_store_dir(c)), None)
+
+
+def _new_store_command(store: Path) -> str | None:
+    """A ``mechscope demo`` command that makes a store and would succeed here, or None."""
+    from mechscope.models.smollm2 import smollm2_available
+
+    folder = _new_store_folder(store)
+    if folder is None:
+        return None
+    model = "" if smollm2_available() else " --model zoo:induction"  # the default needs a package
+    return f"mechscope demo --store {shlex.quote(str(folder))}{model}"
+
+
+def _no_store_error(store: Path) -> StoreError:
+    if store.exists() and not store.is_dir():
+        problem = f"{store} is a file, not a store; a store is a folder"
+    elif not store.exists():
+        problem = f"{store} does not exist, so it is not a mechscope store"
+    else:
+        problem = f"{store} is not a mechscope store (no store.db in it)"
+    command = _new_store_command(store)
+    fix = (f"make one with `{command}`" if command else
+           "give `mechscope demo --store DIR` a folder you can write to")
+    return StoreError(f"{problem}; {fix}")
+
+
 @app.command()
 def runs(store: StoreOpt = DEFAULT_STORE, as_json: JsonFlag = False) -> None:
-    """List stored runs."""
-    from mechscope.errors import StoreError
+    """List stored runs (read-only: nothing in the store is written)."""
     from mechscope.store import Store
 
     if not (store / "store.db").is_file():
-        raise StoreError(f"{store} is not a mechscope store (no store.db); run `mechscope demo --store {store}`")
-    s = Store(store)
+        raise _no_store_error(store)
+    s = Store(store, readonly=True)
     records = s.runs()
     items = [{**r.to_dict(), "results": s.result_names(r.id) if r.status == "complete" else {}}
              for r in records]
@@ -139,6 +186,11 @@ def demo(
 ) -> None:
     """The main job: every analysis on one model -> a run in the store."""
     from mechscope.demo import DemoConfig, run_demo
+
+    if store.exists() and not store.is_dir():
+        folder = _new_store_folder(store)
+        raise StoreError(f"--store {store} is a file; a store is a folder. Give a new folder"
+                         + (f", e.g. --store {shlex.quote(str(folder))}" if folder else ""))
 
     summary = run_demo(DemoConfig(model=model), store)
     human = "\n".join(
@@ -164,43 +216,54 @@ def zoo_list(as_json: JsonFlag = False) -> None:
 @zoo_app.command("train")
 def zoo_train(
     name: Annotated[str, typer.Argument(help="Recipe name (see `mechscope zoo list`).")],
-    out: Annotated[Path | None, typer.Option("--out", help="Folder (default: the package's).")] = None,
-    steps: Annotated[int | None, typer.Option(help="Override the recipe's steps (quick checks).")] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", help="Folder to write NAME/ into (default: the user cache folder, "
+                      "$MECHSCOPE_CACHE/zoo). Never the package's shipped checkpoints.")] = None,
+    steps: Annotated[int | None, typer.Option(
+        min=1, help="Override the recipe's steps (quick checks).")] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Reproduce a zoo checkpoint from its recipe."""
-    from mechscope.models import zoo
+    """Reproduce a zoo checkpoint from its recipe (the shipped one is left as it is)."""
+    from mechscope.models.zoo import train_zoo
 
-    train_zoo = getattr(zoo, "train_zoo", None)
-    if train_zoo is None:
-        raise MechscopeError("this build of mechscope has no zoo training recipes")
     card = train_zoo(name, out_dir=out, steps=steps, progress=True)
+    folder = str(card.directory)
     obj = {"name": card.name, "accuracy": card.accuracy,
-           "circuit_heads": [list(h) for h in card.circuit_heads], "out": str(out or card.directory)}
-    _emit(obj, as_json, f"trained zoo:{card.name}: accuracy {card.accuracy:.3f}, "
-                        f"circuit heads {obj['circuit_heads']}")
+           "circuit_heads": [list(h) for h in card.circuit_heads], "out": folder}
+    _emit(obj, as_json, f"trained zoo:{card.name} into {folder}: accuracy {card.accuracy:.3f}, "
+                        f"circuit heads {obj['circuit_heads']}\n"
+                        f"load it by its path: `mechscope trace {shlex.quote(folder)} --tokens 1,2,3`")
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the app, turning mechscope errors into one line and exit status 2."""
+    """Entry point: run the app. Mechscope errors and usage errors print one line and exit with
+    status 2; Ctrl-C prints ``interrupted`` and exits with status 130."""
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s: %(message)s")
+    args = sys.argv[1:] if argv is None else list(argv)
+    command = get_command(app)
     try:
-        app(args=argv, standalone_mode=False)
+        # click's own main() would turn Ctrl-C into a return value; drive the command directly.
+        with command.make_context("mechscope", args) as ctx:
+            command.invoke(ctx)
+    except typer.Exit as exc:  # --help
+        if exc.exit_code:
+            sys.exit(exc.exit_code)
+    except NoArgsIsHelpError as exc:  # `mechscope`, `mechscope zoo`: the help, as an error
+        text = exc.format_message().rstrip()  # typer's rich help prints itself and returns ""
+        if text:
+            sys.stderr.write(text + "\n")
+        sys.exit(2)
+    except UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx is not None else "mechscope"
+        message = " ".join(exc.format_message().split())
+        sys.stderr.write(f"error: {message} (see `{where} --help`)\n")
+        sys.exit(2)
     except MechscopeError as exc:
         sys.stderr.write(f"error: {exc}\n")
         sys.exit(2)
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         sys.exit(130)
-    except Exception as exc:  # click's usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(130)
-        raise
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 
+import pytest
 import torch
 
 from mechscope.cli import main
@@ -107,3 +109,45 @@ def test_second_load_uses_the_cache():
     assert (folder / "model.safetensors").is_file() and (folder / "mechscope-complete").is_file()
     again = load("smollm2")
     assert again.cfg.n_layers == 30
+
+
+def _no_forward_calls():
+    """A counter of module forwards (any module), and the hook's handle to remove."""
+    calls = []
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda module, args: calls.append(type(module).__name__))
+    return calls, handle
+
+
+def _check_over_long_prompt(model, name, prompt):
+    """The tracer refuses a prompt longer than the model's context with a clear error, before
+    running the model (no silent truncation); the CLI (its own process: loading MiniLM attaches
+    the bridge's own hooks, which the leak check would count) prints it as one line, status 2."""
+    import subprocess
+    import sys
+
+    from mechscope.errors import InputError
+
+    too_long = re.compile(r"too long|context is \d+|longer than", re.IGNORECASE)
+    assert len(model.tokenizer(prompt)["input_ids"]) > model.cfg.n_ctx
+    calls, handle = _no_forward_calls()
+    try:
+        with pytest.raises(InputError, match=too_long) as info:
+            trace(model, prompt, sites=("heads",), progress=False)
+    finally:
+        handle.remove()
+    assert calls == [], f"the model ran before the error: {calls[:5]}"
+    assert str(model.cfg.n_ctx) in str(info.value)
+    proc = subprocess.run([sys.executable, "-m", "mechscope.cli", "trace", name, "--prompt", prompt],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert too_long.search(proc.stderr) and str(model.cfg.n_ctx) in proc.stderr
+
+
+def test_over_long_prompt_fails_fast_on_minilm(minilm):
+    _check_over_long_prompt(minilm, "minilm", "word " * 650)  # > 512 tokens
+
+
+def test_over_long_prompt_fails_fast_on_smollm2(smollm2):
+    _check_over_long_prompt(smollm2, "smollm2", "word " * 9000)  # > 8192 tokens

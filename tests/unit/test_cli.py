@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -86,3 +88,197 @@ def test_help_for_every_verb(capsys):
     for verb in (["models"], ["trace"], ["runs"], ["demo"], ["zoo", "list"], ["zoo", "train"]):
         main([*verb, "--help"])
         assert "Usage" in capsys.readouterr().out
+
+
+def _hint(err: str) -> list[str]:
+    """The command an error suggests (between backticks), as argv for main()."""
+    import re
+    import shlex
+
+    commands = re.findall(r"`(mechscope [^`]+)`", err)
+    assert commands, f"no command suggested in {err!r}"
+    return shlex.split(commands[0])[1:]
+
+
+@pytest.fixture
+def no_smollm2(monkeypatch, tmp_path):
+    """Hints name the default model only where it is installed: make it look missing (so the
+    followed hints run on a zoo model, fast), and work in an empty folder."""
+    import mechscope.models.smollm2 as sm
+
+    monkeypatch.setattr(sm, "smollm2_available", lambda: False)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.mark.parametrize("case", ["file", "missing", "missing-under-a-file", "plain-folder"])
+def test_runs_hint_works_when_followed(capsys, tmp_path, no_smollm2, case):
+    (tmp_path / "notes.txt").write_text("not a store")
+    (tmp_path / "plain").mkdir()
+    store = {"file": "notes.txt", "missing": "new/store", "missing-under-a-file": "notes.txt/s",
+             "plain-folder": "plain"}[case]
+    code, out, err = _run(capsys, "runs", "--store", store)
+    assert code == 2 and out == "" and err.startswith("error: ") and err.count("\n") == 1
+    if case == "file":
+        assert "is a file" in err and "folder" in err
+    argv = _hint(err)
+    assert argv[0] == "demo" and "--model" in argv  # smollm2 looks missing: a model that is here
+    _ok(capsys, *argv)  # the suggested command succeeds...
+    folder = argv[argv.index("--store") + 1]
+    out, _ = _ok(capsys, "runs", "--store", folder, "--json")  # ...and makes a store runs lists
+    assert [r["status"] for r in json.loads(out)["runs"]] == ["complete"]
+    assert (tmp_path / "notes.txt").read_text() == "not a store"
+
+
+def test_demo_on_a_file_suggests_a_folder_that_works(capsys, tmp_path, no_smollm2):
+    (tmp_path / "notes.txt").write_text("x")
+    code, _, err = _run(capsys, "demo", "--model", TINY, "--store", "notes.txt")
+    assert code == 2 and "is a file" in err
+    folder = err.split("--store ")[-1].strip()
+    _ok(capsys, "demo", "--model", TINY, "--store", folder)
+    assert (tmp_path / folder / "store.db").is_file()
+
+
+def test_unknown_zoo_model_hint_names_what_works(capsys, tmp_path):
+    from mechscope.models.zoo import RECIPES, zoo_names
+
+    code, _, err = _run(capsys, "trace", "zoo:nope", "--tokens", "1,2")
+    assert code == 2 and "unknown zoo model 'nope'" in err
+    assert "zoo train nope" not in err  # there is no such recipe
+    for name in zoo_names():
+        assert f"zoo:{name}" in err
+    for name in RECIPES:
+        assert name in err
+    # Following it: every listed model traces.
+    for name in zoo_names():
+        out, _ = _ok(capsys, "trace", f"zoo:{name}", "--tokens", "1,2,3", "--json")
+        assert json.loads(out)["predictions"][0]["n_tokens"] == 3
+
+
+def _snapshot(root):
+    """Every path under root with its size, mtime and mode."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns, p.stat().st_mode)
+            for p in sorted(root.rglob("*"))}
+
+
+def test_runs_reads_a_read_only_store_and_writes_nothing(capsys, tmp_path):
+    store = tmp_path / "store"
+    _ok(capsys, "demo", "--model", TINY, "--store", str(store))
+    paths = [store, *store.rglob("*")]
+    try:
+        for p in paths:
+            p.chmod(0o555 if p.is_dir() else 0o444)
+        before = _snapshot(store)
+        out, _ = _ok(capsys, "runs", "--store", str(store), "--json")
+        after = _snapshot(store)
+        if os.geteuid() == 0:  # root writes anywhere: SQLite may add its -wal/-shm companions
+            after = {k: v for k, v in after.items() if k not in before and
+                     k not in ("store.db-wal", "store.db-shm")} | {k: after[k] for k in before}
+        assert after == before  # no file created, changed or re-moded
+    finally:
+        for p in paths:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+    runs = json.loads(out)["runs"]
+    assert [r["status"] for r in runs] == ["complete"]
+    assert {"predictions", "head_norms", "trace_shapes", "model"} <= set(runs[0]["results"])
+
+
+def _tree_digest(root):
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_zoo_train_writes_to_the_cache_never_the_package(capsys, tmp_path, monkeypatch):
+    from mechscope.models import load
+    from mechscope.models.zoo import CHECKPOINTS
+
+    monkeypatch.setenv("MECHSCOPE_CACHE", str(tmp_path / "cache"))
+    shipped = _tree_digest(CHECKPOINTS)
+    old = os.umask(0o027)
+    try:
+        out, _ = _ok(capsys, "zoo", "train", "induction", "--steps", "2", "--json")
+    finally:
+        os.umask(old)
+    folder = tmp_path / "cache" / "zoo" / "induction"
+    assert json.loads(out)["out"] == str(folder)
+    assert _tree_digest(CHECKPOINTS) == shipped  # the shipped checkpoints are untouched
+    assert (folder / "model.safetensors").is_file()
+    assert folder.stat().st_mode & 0o777 == 0o750  # the umask decides, not mkdtemp's 0700
+    for name in ("card.json", "model.safetensors"):
+        assert (folder / name).stat().st_mode & 0o777 == 0o640
+    # The printed way to load it works.
+    out, _ = _ok(capsys, "zoo", "train", "induction", "--steps", "2")
+    argv = _hint(out)
+    assert argv[:2] == ["trace", str(folder)]
+    _ok(capsys, *argv)
+    assert load(str(folder)).cfg.n_layers == load("zoo:induction").cfg.n_layers
+
+
+@pytest.mark.parametrize("where", ["checkpoints", "checkpoints/induction", "package"])
+def test_zoo_train_refuses_the_package(capsys, where):
+    import mechscope
+    from mechscope.models.zoo import CHECKPOINTS
+
+    target = {"checkpoints": CHECKPOINTS, "checkpoints/induction": CHECKPOINTS / "induction",
+              "package": Path(mechscope.__file__).parent}[where]
+    shipped = _tree_digest(CHECKPOINTS)
+    code, out, err = _run(capsys, "zoo", "train", "induction", "--steps", "1", "--out", str(target))
+    assert code == 2 and out == "" and "inside the mechscope package" in err
+    assert _tree_digest(CHECKPOINTS) == shipped
+
+
+def test_zoo_train_restores_global_state(tmp_path):
+    import random
+
+    import numpy as np
+    import torch
+
+    from mechscope.models.zoo import train_zoo
+
+    def state():
+        return (torch.random.get_rng_state().clone(), repr(np.random.get_state()),
+                random.getstate(), torch.get_num_threads())
+
+    torch.manual_seed(1234)
+    np.random.seed(1234)
+    random.seed(1234)
+    before = state()
+    train_zoo("induction", steps=2, out_dir=tmp_path, progress=False)
+    after = state()
+    assert torch.equal(before[0], after[0]) and before[1:] == after[1:]
+
+
+def test_demo_keeps_the_global_generator_and_times_consistently(tmp_path):
+    import torch
+
+    from mechscope.demo import DemoConfig, run_demo
+    from mechscope.store import Store
+
+    torch.manual_seed(99)
+    rng = torch.random.get_rng_state().clone()
+    summary = run_demo(DemoConfig(model=TINY), tmp_path / "store", progress=False)
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    timings = summary["timings"]
+    assert timings["total"] >= timings["load"] and timings["total"] >= timings["trace"]
+    store = Store(tmp_path / "store", readonly=True)
+    assert store.get_run(summary["run_id"]).timings == timings
+    model = store.json(summary["run_id"], "model")
+    assert model["kind"] == "native" and model["spec"] == TINY
+    # same seed, same prompts: a second demo predicts the same
+    again = run_demo(DemoConfig(model=TINY), tmp_path / "store", progress=False)
+    assert again["predictions"] == summary["predictions"]
+
+
+def test_demo_with_an_unknown_model_creates_no_store(capsys, tmp_path):
+    code, _, err = _run(capsys, "demo", "--model", "no-such-model", "--store", str(tmp_path / "s"))
+    assert code == 2 and "unknown model spec" in err
+    assert not (tmp_path / "s").exists()
+
+
+def test_zoo_train_never_replaces_a_folder_that_is_not_a_checkpoint(capsys, tmp_path):
+    (tmp_path / "induction").mkdir()
+    (tmp_path / "induction" / "thesis.tex").write_text("years of work")
+    code, _, err = _run(capsys, "zoo", "train", "induction", "--steps", "1", "--out", str(tmp_path))
+    assert code == 2 and "not a zoo checkpoint" in err
+    assert (tmp_path / "induction" / "thesis.tex").read_text() == "years of work"

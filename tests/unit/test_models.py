@@ -222,3 +222,101 @@ def test_smollm2_cache_is_atomic_and_rebuilt(tmp_path, monkeypatch):
     rebuilt = sm.load_smollm2()
     assert calls["n"] == 2
     torch.testing.assert_close(rebuilt(tokens), expected)
+
+
+def test_zoo_checkpoint_folder_loads_by_path(tmp_path):
+    import shutil
+
+    from mechscope.models import describe
+    from mechscope.models.zoo import zoo_card
+
+    shutil.copytree(zoo_card("induction").directory, tmp_path / "my-induction")
+    by_path = load(str(tmp_path / "my-induction"))
+    shipped = load("zoo:induction")
+    tokens = torch.tensor([[0, 5, 9, 3, 5, 9, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(by_path(tokens), shipped(tokens), atol=0, rtol=0)
+    assert describe(by_path).kind == "local" and describe(shipped).kind == "zoo"
+    # strict weights: a checkpoint whose weights do not match its config is refused
+    broken = tmp_path / "broken"
+    shutil.copytree(tmp_path / "my-induction", broken)
+    cfg = json.loads((broken / "config.json").read_text())
+    cfg["d_model"] = cfg["d_model"] * 2
+    (broken / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(WeightFileError, match="does not match the model"):
+        load(str(broken))
+
+
+@pytest.mark.parametrize(
+    "spec, kind",
+    [("native:n_layers=1,d_model=16,n_heads=2,d_head=8,d_vocab=11,n_ctx=8", "native"),
+     ("zoo:induction", "zoo")],
+)
+def test_describe_fills_the_kind_from_the_spec(spec, kind):
+    from mechscope.models import describe
+
+    info = describe(load(spec))
+    assert info.kind == kind and info.spec == spec
+    assert describe(load(spec), kind="custom").kind == "custom"
+
+
+def test_loading_leaves_the_global_generator_alone(tmp_path):
+    _tiny_gpt2(tmp_path / "gpt2")
+    torch.manual_seed(7)
+    state = torch.random.get_rng_state().clone()
+    load(str(tmp_path / "gpt2"))
+    load("native:n_layers=1,d_model=16,n_heads=2,d_head=8,d_vocab=11,n_ctx=8")
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("bars_before", [True, False])
+def test_loading_shows_no_progress_bars_and_restores_the_setting(tmp_path, capfd, bars_before):
+    import huggingface_hub.utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    _tiny_gpt2(tmp_path / "gpt2")
+    capfd.readouterr()
+    was_on, hub_was_off = hf_logging.is_progress_bar_enabled(), hub_utils.are_progress_bars_disabled()
+    try:
+        if bars_before:
+            hf_logging.enable_progress_bar()
+        else:
+            hf_logging.disable_progress_bar()
+        load(str(tmp_path / "gpt2"))
+        assert "Loading weights" not in capfd.readouterr().err
+        assert hf_logging.is_progress_bar_enabled() == bars_before
+        assert hub_utils.are_progress_bars_disabled() == (not bars_before)
+    finally:
+        (hf_logging.enable_progress_bar if was_on else hf_logging.disable_progress_bar)()
+        (hub_utils.disable_progress_bars if hub_was_off else hub_utils.enable_progress_bars)()
+
+
+def test_smollm2_cache_folder_follows_the_umask(tmp_path, monkeypatch):
+    """The converted cache gets the mode the umask gives a new folder, not mkdtemp's 0700."""
+    import os
+
+    import mechscope.models.smollm2 as sm
+
+    def fake_from_gguf(path):
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=4, num_key_value_heads=2, vocab_size=30522,
+                          max_position_embeddings=64, tie_word_embeddings=True)
+        return LlamaForCausalLM(cfg).eval(), _Tok()
+
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"GGUF" + b"\x00" * 100)
+    monkeypatch.setenv("MECHSCOPE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(sm, "smollm2_gguf", lambda: fake)
+    monkeypatch.setattr(sm, "hf_from_gguf", fake_from_gguf)
+    old = os.umask(0o022)
+    try:
+        target = sm.converted_dir()
+    finally:
+        os.umask(old)
+    assert target.parent == tmp_path / "cache"
+    assert target.stat().st_mode & 0o777 == 0o755
+    files = [p for p in target.rglob("*") if p.is_file()]
+    assert target / "model.safetensors" in files
+    assert {p.name: p.stat().st_mode & 0o777 for p in files} == {p.name: 0o644 for p in files}

@@ -6,7 +6,7 @@ import importlib.util
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mechscope.errors import (
     ArchitectureError,
@@ -16,6 +16,10 @@ from mechscope.errors import (
     SpecError,
     WeightFileError,
 )
+
+if TYPE_CHECKING:
+    from mechscope.models.loading import ModelInfo
+    from mechscope.types import Model
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +42,7 @@ def _bridge_error(path: Path | str, exc: Exception) -> Exception:
 
 
 def boot_hf_dir(path: Path, *, device: str | None = None, hf_model: Any = None,
-                tokenizer: Any = None) -> Any:
+                tokenizer: Any = None) -> Model:
     """Boot a local Hugging Face directory (``config.json`` + safetensors) as a bridge."""
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -70,7 +74,7 @@ def boot_hf_dir(path: Path, *, device: str | None = None, hf_model: Any = None,
         raise _bridge_error(path, exc) from exc
 
 
-def boot_gguf_file(path: Path, *, device: str | None = None) -> Any:
+def boot_gguf_file(path: Path, *, device: str | None = None) -> Model:
     """Boot a local ``.gguf`` file: dequantised by transformers' ``gguf_file=`` loader."""
     from mechscope.models.smollm2 import hf_from_gguf
 
@@ -87,7 +91,7 @@ def boot_gguf_file(path: Path, *, device: str | None = None) -> Any:
         raise _bridge_error(path, exc) from exc
 
 
-def boot_hub(name: str, *, device: str | None = None) -> Any:
+def boot_hub(name: str, *, device: str | None = None) -> Model:
     """Boot a hub model by name; fails with :class:`OfflineError` when there is no network."""
     from mechscope.models.loading import hub_offline
 
@@ -129,7 +133,7 @@ def minilm_available() -> bool:
     return pkg is not None and (pkg / "model" / "model.safetensors").is_file()
 
 
-def _minilm_info() -> Any:
+def _minilm_info() -> ModelInfo:
     from mechscope.models.loading import ModelInfo
 
     return ModelInfo(

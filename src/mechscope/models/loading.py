@@ -9,10 +9,11 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,6 +24,9 @@ from mechscope.errors import (
     SpecError,
     WeightFileError,
 )
+
+if TYPE_CHECKING:  # at run time: importing transformer_lens costs ~5 s, too much for listings
+    from mechscope.types import Model
 
 # The spec of a loaded model is kept on the bridge under this attribute (see spec_of).
 _SPEC_ATTR = "_mechscope_spec"
@@ -54,13 +58,13 @@ class ModelInfo:
 # Individual loaders. Each takes the spec's body (after the ``kind:`` prefix) and a device.
 
 
-def _load_native(body: str, device: str | None) -> Any:
+def _load_native(body: str, device: str | None) -> Model:
     from mechscope.models.native import boot_native_config, parse_native_spec
 
     return boot_native_config(parse_native_spec(body), device=device)
 
 
-def _load_zoo(body: str, device: str | None) -> Any:
+def _load_zoo(body: str, device: str | None) -> Model:
     from mechscope.models.zoo import load_zoo
 
     if not body:
@@ -68,34 +72,38 @@ def _load_zoo(body: str, device: str | None) -> Any:
     return load_zoo(body, device=device)
 
 
-def _load_smollm2(body: str, device: str | None) -> Any:
+def _load_smollm2(body: str, device: str | None) -> Model:
     from mechscope.models.smollm2 import load_smollm2
 
     return load_smollm2(device=device)
 
 
-def _load_minilm(body: str, device: str | None) -> Any:
+def _load_minilm(body: str, device: str | None) -> Model:
     from mechscope.models.hf import boot_hf_dir, minilm_dir
 
     return boot_hf_dir(minilm_dir(), device=device)
 
 
-def _load_local(body: str, device: str | None) -> Any:
+def _load_local(body: str, device: str | None) -> Model:
     from mechscope.models.hf import boot_gguf_file, boot_hf_dir
+    from mechscope.models.zoo import is_zoo_checkpoint, load_zoo
 
     path = Path(body).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return boot_gguf_file(path, device=device)
+    if is_zoo_checkpoint(path):  # a zoo checkpoint folder (shipped, copied or `zoo train --out`)
+        path = path.resolve()
+        return load_zoo(path.name, device=device, root=path.parent)
     return boot_hf_dir(path, device=device)
 
 
-def _load_hub(body: str, device: str | None) -> Any:
+def _load_hub(body: str, device: str | None) -> Model:
     from mechscope.models.hf import boot_hub
 
     return boot_hub(body, device=device)
 
 
-Loader = Callable[[str, str | None], Any]
+Loader = Callable[[str, str | None], "Model"]
 
 #: Spec kinds: ``prefix -> loader``. Named models have no body (``smollm2``).
 SPEC_KINDS: dict[str, Loader] = {
@@ -132,13 +140,17 @@ def resolve_spec(spec: str) -> tuple[str, str]:
     )
 
 
-def load(spec: str, *, device: str | None = None) -> Any:
+def load(spec: str, *, device: str | None = None) -> Model:
     """Load a model from a spec: a ``TransformerBridge`` in eval mode with its tokenizer.
 
     Args:
-        spec: ``smollm2``, ``minilm``, ``zoo:<name>``, ``native:<config>``, a local directory or
-            ``.gguf`` file, or a hub name.
+        spec: ``smollm2``, ``minilm``, ``zoo:<name>``, ``native:<config>``, a local directory
+            (a Hugging Face folder, or a zoo checkpoint folder: ``card.json`` + ``config.json`` +
+            ``model.safetensors``) or ``.gguf`` file, or a hub name.
         device: torch device; the default is the CPU.
+
+    Loading leaves the global torch random state alone and shows no weight-loading progress
+    bars (``transformers``' own progress-bar setting is restored afterwards).
 
     Raises:
         SpecError: unknown spec. MissingPackageError: the optional package (with the pip
@@ -146,18 +158,40 @@ def load(spec: str, *, device: str | None = None) -> Any:
         cannot bridge it. OfflineError: a hub model without a network.
     """
     kind, body = resolve_spec(spec)
-    model = SPEC_KINDS[kind](body, device)
+    with quiet_loading(), torch.random.fork_rng(devices=[]):
+        model = SPEC_KINDS[kind](body, device)
     model.eval()
     object.__setattr__(model, _SPEC_ATTR, spec.strip())
     return model
 
 
-def spec_of(model: Any) -> str | None:
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Hide ``transformers``' (and the hub's) progress bars, such as "Loading weights", inside
+    the block, then put both settings back as they were."""
+    import huggingface_hub.utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    bars_on = hf_logging.is_progress_bar_enabled()
+    hub_bars_off = hub_utils.are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()  # also disables the hub's
+    try:
+        yield
+    finally:
+        if bars_on:
+            hf_logging.enable_progress_bar()  # also enables the hub's
+        if hub_bars_off:
+            hub_utils.disable_progress_bars()
+        else:
+            hub_utils.enable_progress_bars()
+
+
+def spec_of(model: Model) -> str | None:
     """The spec a model was loaded from, or None when it did not come from :func:`load`."""
     return getattr(model, _SPEC_ATTR, None)
 
 
-def fingerprint(model: Any) -> str:
+def fingerprint(model: Model) -> str:
     """A short, cheap hash of a model's architecture and weights (for the run store).
 
     Hashes every parameter's name, shape and dtype, and a strided sample of its values, so any
@@ -173,12 +207,32 @@ def fingerprint(model: Any) -> str:
     return h.hexdigest()[:16]
 
 
-def describe(model: Any, spec: str | None = None, kind: str = "") -> ModelInfo:
-    """A :class:`ModelInfo` read off a loaded model's config."""
+def spec_kind(spec: str | None) -> str:
+    """The kind of a spec (a key of :data:`SPEC_KINDS`), or ``""`` when it resolves to none.
+
+    >>> spec_kind("zoo:induction"), spec_kind("smollm2"), spec_kind("no such thing")
+    ('zoo', 'smollm2', '')
+    """
+    if not spec:
+        return ""
+    try:
+        return resolve_spec(spec)[0]
+    except SpecError:
+        return ""
+
+
+def describe(model: Model, spec: str | None = None, kind: str | None = None) -> ModelInfo:
+    """A :class:`ModelInfo` read off a loaded model's config.
+
+    ``spec`` defaults to the one the model was loaded from; ``kind`` to that spec's kind
+    (:func:`resolve_spec`: ``smollm2``, ``minilm``, ``zoo``, ``native``, ``local``, ``hub``).
+    """
     cfg = model.cfg
+    spec = spec or spec_of(model)
+    d_mlp: int | None = getattr(cfg, "d_mlp", None)
     return ModelInfo(
-        spec=spec or spec_of(model) or "?",
-        kind=kind,
+        spec=spec or "?",
+        kind=kind if kind is not None else spec_kind(spec),
         description=str(getattr(cfg, "model_name", "")),
         available=True,
         n_layers=int(cfg.n_layers),
@@ -186,10 +240,45 @@ def describe(model: Any, spec: str | None = None, kind: str = "") -> ModelInfo:
         n_kv_heads=int(getattr(cfg, "n_key_value_heads", None) or cfg.n_heads),
         d_head=int(cfg.d_head),
         d_model=int(cfg.d_model),
-        d_mlp=int(cfg.d_mlp) if getattr(cfg, "d_mlp", None) else None,
+        d_mlp=int(d_mlp) if d_mlp else None,
         d_vocab=int(cfg.d_vocab),
         n_ctx=int(cfg.n_ctx),
     )
+
+
+def cache_root() -> Path:
+    """Where mechscope caches files (converted weights, trained zoo checkpoints):
+    ``$MECHSCOPE_CACHE`` or the user cache directory (``platformdirs``)."""
+    env = os.environ.get("MECHSCOPE_CACHE")
+    if env:
+        return Path(env).expanduser()
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("mechscope"))
+
+
+def current_umask() -> int:
+    """The process's umask (read without changing it where ``/proc`` allows)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(folder: Path) -> None:
+    """Give ``folder`` and everything under it the modes the user's umask gives new folders and
+    files. For folders made by ``tempfile.mkdtemp`` (always 0700) and files that libraries write
+    owner-only (``safetensors`` writes 0600), before they are renamed into place."""
+    mask = current_umask()
+    for path in (folder, *folder.rglob("*")):
+        if path.is_symlink():
+            continue
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def list_models() -> list[ModelInfo]:
@@ -261,10 +350,15 @@ __all__ = [
     "ModelInfo",
     "OfflineError",
     "WeightFileError",
+    "apply_umask",
+    "cache_root",
+    "current_umask",
     "describe",
     "fingerprint",
     "list_models",
     "load",
+    "quiet_loading",
     "resolve_spec",
+    "spec_kind",
     "spec_of",
 ]

@@ -14,11 +14,14 @@ from __future__ import annotations
 import inspect
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from mechscope.errors import SpecError, WeightFileError
+
+if TYPE_CHECKING:
+    from mechscope.types import Model
 
 NATIVE_DEFAULTS: dict[str, Any] = {
     "n_layers": 2,
@@ -75,7 +78,7 @@ def parse_native_spec(body: str) -> dict[str, Any]:
     return full
 
 
-def boot_native_config(config: dict[str, Any], *, device: str | None = None) -> Any:
+def boot_native_config(config: dict[str, Any], *, device: str | None = None) -> Model:
     """Boot a random TransformerLens-native bridge from a config dict, in eval mode."""
     from transformer_lens.config import TransformerBridgeConfig
     from transformer_lens.model_bridge import TransformerBridge
@@ -94,7 +97,7 @@ def boot_native_config(config: dict[str, Any], *, device: str | None = None) -> 
     return model.eval()
 
 
-def load_state_strict(model: Any, path: Path) -> None:
+def load_state_strict(model: Model, path: Path) -> None:
     """Load a safetensors state dict into ``model``, asserting every key and shape."""
     from safetensors.torch import load_file
 

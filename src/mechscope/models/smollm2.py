@@ -19,11 +19,15 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from mechscope.errors import MissingPackageError, WeightFileError
+from mechscope.models.loading import ModelInfo, apply_umask, cache_root
+
+if TYPE_CHECKING:
+    from mechscope.types import Model
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +58,6 @@ def smollm2_available() -> bool:
     except (MissingPackageError, WeightFileError):
         return False
     return True
-
-
-def cache_root() -> Path:
-    """Where converted models are cached: ``$MECHSCOPE_CACHE`` or the user cache directory."""
-    env = os.environ.get("MECHSCOPE_CACHE")
-    if env:
-        return Path(env).expanduser()
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("mechscope"))
 
 
 def _file_key(path: Path) -> str:
@@ -136,6 +130,7 @@ def _convert(gguf: Path, target: Path) -> None:
         _save_dequantised(model, tmp)
         tokenizer.save_pretrained(str(tmp))
         (tmp / _DONE).write_text(gguf.name)
+        apply_umask(tmp)  # mkdtemp and safetensors make owner-only modes; the umask decides
         try:
             os.replace(tmp, target)
         except OSError:
@@ -156,7 +151,7 @@ def converted_dir() -> Path:
     return target
 
 
-def load_smollm2(*, device: str | None = None) -> Any:
+def load_smollm2(*, device: str | None = None) -> Model:
     """SmolLM2-135M-Instruct as a ``TransformerBridge`` (cached after the first load)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -175,9 +170,7 @@ def load_smollm2(*, device: str | None = None) -> Any:
     return boot_hf_dir(target, device=device, hf_model=hf.eval(), tokenizer=tok)
 
 
-def _info() -> Any:
-    from mechscope.models.loading import ModelInfo
-
+def _info() -> ModelInfo:
     return ModelInfo(
         spec="smollm2",
         kind="causal-lm",

@@ -10,7 +10,9 @@ Each checkpoint lives in ``checkpoints/<name>/``:
 - ``ground_truth.json``: per-head scores and the exhaustive activation-patching effect table.
 
 ``mechscope zoo train <name>`` regenerates every file of a checkpoint from its recipe
-(:func:`train_zoo`, recipes in :data:`RECIPES`). Submodules: ``recipes`` (the table), ``data``
+(:func:`train_zoo`, recipes in :data:`RECIPES`) into the user cache folder (or ``--out``), never
+into the package: the shipped checkpoints are never overwritten. A checkpoint folder anywhere loads
+by its path (``load("/path/to/induction")``; :func:`is_zoo_checkpoint`). Submodules: ``recipes`` (the table), ``data``
 (training streams and evaluation batches), ``train`` (the loop), ``truth`` (ground truth: head
 scores, TransformerLens activation patching, circuit rule, ablations), ``cards`` (card files).
 
@@ -20,13 +22,20 @@ Caveat: a checkpoint is only as good as its ground truth; read ``card.md`` for w
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mechscope.errors import SpecError, WeightFileError
 
+if TYPE_CHECKING:
+    from mechscope.types import Model
+
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
+#: The files that make a folder a zoo checkpoint (``ground_truth.json`` and ``card.md`` too, but
+#: these three are what loading needs).
+CHECKPOINT_FILES = ("card.json", "config.json", "model.safetensors")
 
 
 @dataclass(frozen=True)
@@ -71,22 +80,48 @@ def zoo_names(root: Path | None = None) -> list[str]:
     )
 
 
+def is_zoo_checkpoint(path: str | Path) -> bool:
+    """True for a folder in the zoo format: ``card.json``, ``config.json``, ``model.safetensors``."""
+    path = Path(path)
+    return path.is_dir() and all((path / f).is_file() for f in CHECKPOINT_FILES)
+
+
+def _unknown_zoo_model(name: str, root: Path) -> SpecError:
+    from mechscope.models.zoo.recipes import RECIPES
+
+    known = ", ".join(f"zoo:{n}" for n in zoo_names(root)) or "none"
+    where = "shipped" if root == CHECKPOINTS else f"in {root}"
+    if name in RECIPES:
+        fix = (f"`mechscope zoo train {name}` trains it from its recipe and prints the folder it "
+               "wrote; load that folder by its path")
+    else:
+        fix = (f"`mechscope zoo list` describes them. `mechscope zoo train NAME` retrains one of "
+               f"the recipes {', '.join(sorted(RECIPES))} and prints the folder it wrote; a "
+               "checkpoint folder loads by its path")
+    return SpecError(f"unknown zoo model {name!r}. Known ({where}): {known}. {fix}.")
+
+
 def zoo_card(name: str, *, root: Path | None = None) -> ZooCard:
     """The card of checkpoint ``name``; a :class:`SpecError` names the known ones otherwise."""
     root = CHECKPOINTS if root is None else Path(root)
     directory = root / name
-    if not (directory / "card.json").is_file():
-        known = ", ".join(f"zoo:{n}" for n in zoo_names(root)) or "(none shipped)"
-        raise SpecError(
-            f"unknown zoo model {name!r}. Known: {known}. Train one with `mechscope zoo train NAME`."
-        )
+    if not name or "/" in name or name.startswith(".") or not (directory / "card.json").is_file():
+        raise _unknown_zoo_model(name, root)
     try:
         card = json.loads((directory / "card.json").read_text())
         config = json.loads((directory / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
+        from mechscope.models.zoo.recipes import RECIPES
+
+        if root == CHECKPOINTS:
+            fix = "The shipped files are damaged: reinstall mechscope"
+        elif name in RECIPES:
+            fix = f"Retrain it: `mechscope zoo train {name} --out {shlex.quote(str(root))}`"
+        else:
+            fix = "Copy the checkpoint again from where it came from"
         raise WeightFileError(
             f"zoo checkpoint {name!r} has an unreadable card or config in {directory}: {exc}. "
-            f"Regenerate it with `mechscope zoo train {name}`."
+            f"{fix}."
         ) from exc
     return ZooCard(
         name=name,
@@ -105,7 +140,7 @@ def list_zoo(root: Path | None = None) -> list[ZooCard]:
     return [zoo_card(n, root=root) for n in zoo_names(root)]
 
 
-def load_zoo(name: str, *, device: str | None = None, root: Path | None = None) -> Any:
+def load_zoo(name: str, *, device: str | None = None, root: Path | None = None) -> Model:
     """Boot checkpoint ``name`` as a ``TransformerBridge`` in eval mode, loading weights strictly.
 
     Weights stored as float16 are converted to float32 (the config's dtype) on load.
@@ -132,5 +167,5 @@ def __getattr__(attr: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
 
 
-__all__ = ["CHECKPOINTS", "RECIPES", "Recipe", "ZooCard", "list_zoo", "load_zoo", "train_zoo",
-           "zoo_card", "zoo_names"]  # fmt: skip
+__all__ = ["CHECKPOINTS", "CHECKPOINT_FILES", "RECIPES", "Recipe", "ZooCard", "is_zoo_checkpoint",
+           "list_zoo", "load_zoo", "train_zoo", "zoo_card", "zoo_names"]  # fmt: skip

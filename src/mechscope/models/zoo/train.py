@@ -16,6 +16,11 @@ bit); across machines float reductions differ in the last bits and training ampl
 (facts-attn retrained elsewhere: weights up to 0.2 apart, accuracy equal, patching effects within
 0.03), so a retrain reproduces accuracy within a point, not the weights.
 
+Training leaves the process as it found it: the global torch, numpy and ``random`` generator
+states and ``torch.get_num_threads()`` are restored afterwards. Without ``out_dir`` the checkpoint
+goes to the user cache folder (``$MECHSCOPE_CACHE`` or the platform's, under ``zoo/``); the
+package's shipped checkpoints are never written (an ``out_dir`` inside the package is refused).
+
 Caveat: ``steps`` overrides the recipe for quick tests; such a checkpoint is complete and
 loadable but does not solve its task, and its card says so (``recipe.steps`` is the value used).
 """
@@ -25,23 +30,79 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
 import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mechscope.errors import SpecError
+from mechscope.errors import SpecError, WeightFileError
 from mechscope.models.zoo.data import TRAIN_STREAMS
 from mechscope.models.zoo.recipes import RECIPES, Recipe
 
+if TYPE_CHECKING:
+    from mechscope.models.zoo import ZooCard
+    from mechscope.types import Model
+
 log = logging.getLogger(__name__)
+
+
+@contextmanager
+def preserved_global_state() -> Iterator[None]:
+    """Restore the global torch/numpy/``random`` generator states and torch's CPU thread count
+    on exit, whatever the block changed."""
+    torch_state = torch.random.get_rng_state()
+    numpy_state = np.random.get_state()
+    python_state = random.getstate()
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(torch_state)
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
+        torch.set_num_threads(threads)
+
+
+def default_out_dir() -> Path:
+    """Where ``train_zoo`` writes without ``out_dir``: ``<cache>/zoo`` (see
+    :func:`mechscope.models.loading.cache_root`)."""
+    from mechscope.models.loading import cache_root
+
+    return cache_root() / "zoo"
+
+
+def _check_out_dir(root: Path, name: str) -> Path:
+    """Refuse a folder inside the installed package (its shipped checkpoints are read-only) and
+    a ``root / name`` that exists but is not a zoo checkpoint (it would be replaced)."""
+    import mechscope
+    from mechscope.models.zoo import is_zoo_checkpoint
+
+    package = Path(mechscope.__file__).resolve().parent
+    root = root.expanduser()
+    resolved = root.resolve()
+    if resolved == package or package in resolved.parents:
+        raise SpecError(
+            f"--out {root} is inside the mechscope package ({package}); its shipped checkpoints "
+            "are never overwritten. Leave --out out (the user cache folder) or give a folder "
+            "outside the package"
+        )
+    target = root / name
+    if target.exists() and not is_zoo_checkpoint(target):
+        raise WeightFileError(
+            f"{target} exists and is not a zoo checkpoint; training would replace it. Move it "
+            "away or give another --out folder"
+        )
+    return root
 
 
 def get_recipe(name: str) -> Recipe:
@@ -57,7 +118,7 @@ def _lr_at(recipe: Recipe, step: int) -> float:
     return recipe.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
 
-def head_group_norms(model: Any) -> torch.Tensor:
+def head_group_norms(model: Model) -> torch.Tensor:
     """L2 norm of each attention head's parameters, ``[n_layers, n_heads]`` (differentiable)."""
     squares = (model.W_Q.square().sum((-2, -1)) + model.W_K.square().sum((-2, -1))
                + model.W_V.square().sum((-2, -1)) + model.W_O.square().sum((-2, -1))
@@ -66,13 +127,13 @@ def head_group_norms(model: Any) -> torch.Tensor:
     return squares.clamp_min(1e-12).sqrt()
 
 
-def head_parameters(model: Any) -> list[tuple[torch.Tensor, int, int]]:
+def head_parameters(model: Model) -> list[tuple[torch.Tensor, int, int]]:
     """``(parameter, layer, axis)`` for every attention parameter that splits into heads along
     ``axis`` in blocks of ``d_head`` (Q/K/V weights and biases by row, O weights by column).
 
     Checked against the bridge's own ``W_Q``/``W_O`` views, so a layout change fails loudly.
     """
-    found = []
+    found: list[tuple[torch.Tensor, int, int]] = []
     dh = model.cfg.d_head
     for name, param in model.named_parameters():
         m = re.search(r"layers\.(\d+)\..*attn\..*\b([qkvo])\._original_component\.(weight|bias)$",
@@ -90,7 +151,7 @@ def head_parameters(model: Any) -> list[tuple[torch.Tensor, int, int]]:
 
 
 @torch.no_grad()
-def shrink_heads(model: Any, params: list[tuple[torch.Tensor, int, int]], amount: float) -> None:
+def shrink_heads(model: Model, params: list[tuple[torch.Tensor, int, int]], amount: float) -> None:
     """Proximal group-lasso step: shrink each head's parameter norm by ``amount`` (to 0 at most)."""
     if amount <= 0:
         return
@@ -116,7 +177,7 @@ def sinusoidal(n_ctx: int, d_model: int, rms: float) -> torch.Tensor:
     return (table * rms / table.square().mean().sqrt()).float()
 
 
-def _fix_positions(model: Any) -> None:
+def _fix_positions(model: Model) -> None:
     """Overwrite the learned position table with a frozen sinusoidal one (``pos_embed``)."""
     pos = [p for name, p in model.named_parameters() if re.match(r"pos\..*weight$", name)]
     if len(pos) != 1 or pos[0].shape != model.W_pos.shape:
@@ -135,8 +196,16 @@ def _l1_at(recipe: Recipe, step: int) -> float:
     return recipe.head_l1 * min(1.0, max(0.0, ramp))
 
 
-def train_model(recipe: Recipe, *, progress: bool = True) -> tuple[Any, float, list[float]]:
-    """Train a fresh model on ``recipe``; returns (model in eval mode, seconds, loss curve)."""
+def train_model(recipe: Recipe, *, progress: bool = True) -> tuple[Model, float, list[float]]:
+    """Train a fresh model on ``recipe``; returns (model in eval mode, seconds, loss curve).
+
+    The global generator states and thread count are restored afterwards.
+    """
+    with preserved_global_state():
+        return _train_model(recipe, progress=progress)
+
+
+def _train_model(recipe: Recipe, *, progress: bool) -> tuple[Model, float, list[float]]:
     from mechscope.models.native import boot_native_config
 
     torch.set_num_threads(recipe.threads)
@@ -173,7 +242,7 @@ def train_model(recipe: Recipe, *, progress: bool = True) -> tuple[Any, float, l
     return model.eval(), seconds, losses
 
 
-def save_weights(model: Any, directory: Path, recipe: Recipe) -> None:
+def save_weights(model: Model, directory: Path, recipe: Recipe) -> None:
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -184,35 +253,41 @@ def save_weights(model: Any, directory: Path, recipe: Recipe) -> None:
 
 def train_zoo(
     name: str, *, out_dir: str | Path | None = None, steps: int | None = None, progress: bool = True
-) -> Any:
+) -> ZooCard:
     """Train checkpoint ``name`` from ``RECIPES[name]`` and write it with its ground truth.
 
     Args:
         name: a key of :data:`~mechscope.models.zoo.recipes.RECIPES`.
-        out_dir: the folder that holds checkpoint folders; ``None`` = the package's own
-            ``checkpoints/`` (the checkpoint is written to ``out_dir / name``).
+        out_dir: the folder that holds checkpoint folders (the checkpoint is written to
+            ``out_dir / name``, replacing an earlier checkpoint there); ``None`` = the user cache
+            folder (:func:`default_out_dir`). A folder inside the installed package is refused.
         steps: override the recipe's number of steps (quick tests).
         progress: a tqdm bar on stderr.
 
     Returns:
-        The new checkpoint's :class:`~mechscope.models.zoo.ZooCard`.
+        The new checkpoint's :class:`~mechscope.models.zoo.ZooCard`; ``load(str(card.directory))``
+        loads it.
     """
-    from mechscope.models.zoo import CHECKPOINTS, zoo_card
+    from mechscope.models.zoo import zoo_card
 
     recipe = get_recipe(name)
     if steps is not None:
+        if int(steps) < 1:
+            raise SpecError(f"--steps must be at least 1, got {steps}")
         recipe = replace(
             recipe, steps=int(steps), warmup=min(recipe.warmup, max(1, int(steps) // 2))
         )
-    root = CHECKPOINTS if out_dir is None else Path(out_dir)
-    model, seconds, losses = train_model(recipe, progress=progress)
-    write_checkpoint(model, recipe, root / name, seconds=seconds, losses=losses,
-                     small=steps is not None and steps < 100)  # fmt: skip
-    return zoo_card(name, root=root)
+    root = _check_out_dir(default_out_dir() if out_dir is None else Path(out_dir), name)
+    with preserved_global_state():
+        model, seconds, losses = train_model(recipe, progress=progress)
+        torch.set_num_threads(recipe.threads)  # ground truth on the same threads as training
+        write_checkpoint(model, recipe, root / name, seconds=seconds, losses=losses,
+                         small=steps is not None and steps < 100)  # fmt: skip
+        return zoo_card(name, root=root)
 
 
 def write_checkpoint(
-    model: Any, recipe: Recipe, directory: Path, *, seconds: float, losses: list[float],
+    model: Model, recipe: Recipe, directory: Path, *, seconds: float, losses: list[float],
     small: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     """Write weights, config, ground truth and card of a trained ``model`` into ``directory``.
@@ -220,6 +295,7 @@ def write_checkpoint(
     Everything is written to a sibling temporary folder first and swapped in at the end, so a
     failure never leaves a half-written checkpoint where ``load_zoo`` would find it.
     """
+    from mechscope.models.loading import apply_umask
     from mechscope.models.zoo.cards import write_card
     from mechscope.models.zoo.truth import ground_truth
 
@@ -231,9 +307,7 @@ def write_checkpoint(
         (staging / "ground_truth.json").write_text(json.dumps(truth, indent=1) + "\n")
         tail = losses[-50:] or [float("nan")]
         card = write_card(staging, recipe, truth, seconds=seconds, final_loss=float(np.mean(tail)))
-        staging.chmod(0o755)  # mkdtemp makes it private; a checkpoint is for everyone to read
-        for f in staging.iterdir():
-            f.chmod(0o644)
+        apply_umask(staging)  # mkdtemp and safetensors make owner-only modes; the umask decides
         if directory.exists():
             shutil.rmtree(directory)
         staging.rename(directory)

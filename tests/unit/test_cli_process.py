@@ -1,0 +1,162 @@
+"""The command line as a new user meets it: a separate process, its exit status, its stderr, Ctrl-C.
+
+Ctrl-C is a real SIGINT sent to the child once it is provably inside the run (a wrapper around
+``mechscope.cli.main`` slows one step down and says so on stderr), so the test cannot race it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY
+
+CLI = [sys.executable, "-m", "mechscope.cli"]
+READY = "mechscope-test: ready to be interrupted"
+
+
+def _default_sigint() -> None:
+    # A shell without job control starts background jobs with SIGINT ignored, and Python then
+    # never raises KeyboardInterrupt; give the child the default disposition a terminal gives.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _run(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *argv], capture_output=True, text=True, timeout=timeout,
+                          env=_env(), cwd=Path(__file__).resolve().parents[2])
+
+
+def _interrupt(patch: str, argv: list[str], tmp_path: Path) -> tuple[int, str]:
+    """Run ``main(argv)`` in a child whose ``patch`` code makes one step print READY and sleep;
+    send SIGINT once READY shows on stderr; return (status, stderr)."""
+    script = tmp_path / "slow_cli.py"
+    script.write_text(textwrap.dedent(patch) + textwrap.dedent(f"""
+        from mechscope.cli import main
+        main({argv!r})
+    """))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env(),
+                            preexec_fn=_default_sigint)
+    assert proc.stderr is not None
+    seen = []
+    deadline = time.monotonic() + 120
+    try:
+        for line in proc.stderr:  # blocks until the child writes; READY comes within seconds
+            seen.append(line)
+            if READY in line or time.monotonic() > deadline:
+                break
+        assert any(READY in line for line in seen), "".join(seen)
+        proc.send_signal(signal.SIGINT)
+        _, rest = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, "".join(seen) + rest
+
+
+def test_ctrl_c_during_demo_exits_130_and_leaves_a_failed_run(tmp_path):
+    store = tmp_path / "store"
+    # The first result's tensors are staged when the demo stops to wait for Ctrl-C.
+    patch = f"""
+        import sys, time
+        from mechscope.store import RunWriter
+        _add = RunWriter.add_tensors
+
+        def slow_add(self, name, tensors):
+            _add(self, name, tensors)
+            sys.stderr.write({READY!r} + "\\n")
+            sys.stderr.flush()
+            time.sleep(120)
+
+        RunWriter.add_tensors = slow_add
+    """
+    code, err = _interrupt(patch, ["demo", "--model", TINY, "--store", str(store)], tmp_path)
+    assert code == 130, err
+    assert err.rstrip().endswith("interrupted") and "Traceback" not in err, err
+    con = sqlite3.connect(store / "store.db")
+    try:
+        runs = con.execute("SELECT status, error FROM runs").fetchall()
+        results = con.execute("SELECT COUNT(*) FROM results").fetchone()[0]
+    finally:
+        con.close()
+    assert len(runs) == 1 and runs[0][0] == "failed" and "KeyboardInterrupt" in runs[0][1]
+    assert results == 0
+    assert not [p for p in store.rglob("*") if p.is_file() and p.suffix == ".safetensors"]
+
+
+def test_ctrl_c_during_trace_exits_130(tmp_path):
+    out = tmp_path / "trace"
+    patch = f"""
+        import sys, time
+        from mechscope.models import loading
+        _native = loading.SPEC_KINDS["native"]
+
+        def slow_native(body, device):
+            model = _native(body, device)
+            sys.stderr.write({READY!r} + "\\n")
+            sys.stderr.flush()
+            time.sleep(120)
+            return model
+
+        loading.SPEC_KINDS["native"] = slow_native
+    """
+    code, err = _interrupt(patch, ["trace", TINY, "--tokens", "1,2,3", "--out", str(out)],
+                           tmp_path)
+    assert code == 130, err
+    assert err.rstrip().endswith("interrupted") and "Traceback" not in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["bogus"], "No such command 'bogus'"),
+        (["trace"], "Missing argument"),
+        (["trace", TINY, "--bogus"], "No such option: --bogus"),
+        (["zoo", "train"], "Missing argument"),
+        (["zoo", "bogus"], "No such command 'bogus'"),
+        (["zoo", "train", "induction", "--steps", "many"], "'--steps'"),
+        (["runs", "--store"], "requires an argument"),
+    ],
+)
+def test_usage_errors_are_one_line_with_status_2(argv, words):
+    proc = _run(*argv)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], proc.stderr
+    assert "--help" in lines[0]  # and it says where the help is
+
+
+@pytest.mark.parametrize("argv", [[], ["zoo"]])
+def test_bare_command_prints_its_help_with_status_2(argv):
+    proc = _run(*argv)
+    assert proc.returncode == 2
+    text = proc.stdout + proc.stderr
+    assert "Traceback" not in text and "Usage: mechscope" in text
+    assert ("train" in text and "list" in text) if argv else ("demo" in text and "zoo" in text)
+
+
+def test_entry_point_script_reports_errors_as_one_line():
+    script = Path(sys.executable).with_name("mechscope")
+    if not script.is_file():
+        pytest.fail(f"the mechscope entry point is not installed next to {sys.executable}; "
+                    "run `pip install -e .`")
+    proc = subprocess.run([str(script), "trace", "no-such-model", "--prompt", "x"],
+                          capture_output=True, text=True, timeout=120, env=_env())
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: unknown model spec") and proc.stderr.count("\n") == 1
