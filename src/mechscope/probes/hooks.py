@@ -147,7 +147,8 @@ def count_hooks(model: Model) -> int:
 
     Each hook point is counted once, also when it is reachable under several names (the bridge
     aliases e.g. ``blocks.0.hook_resid_pre`` and ``blocks.0.hook_in``). TransformerLens's own
-    internal pre-hooks on normalisation modules are not mechscope's and are not counted.
+    wiring is not mechscope's and is not counted: its permanent hooks (the BERT adapter wires
+    its MLP hook points with some) and its internal pre-hooks on normalisation modules.
     """
     points = {id(hp): hp for hp in model.hook_dict.values()}.values()
-    return sum(len(hp.fwd_hooks) + len(hp.bwd_hooks) for hp in points)
+    return sum(not h.is_permanent for hp in points for h in [*hp.fwd_hooks, *hp.bwd_hooks])
