@@ -7,11 +7,13 @@ import torch
 
 from mechscope.errors import HookNameError, InputError, StoreError
 from mechscope.probes import (
+    Patch,
     TraceConfig,
     Tracer,
     count_hooks,
     hook_for,
     hooked,
+    intervene,
     iter_shards,
     open_trace,
     trace,
@@ -125,6 +127,14 @@ def test_patching_a_site_with_its_own_value_changes_nothing(tiny):
         patched = tiny(tokens)
     torch.testing.assert_close(patched, clean)
     assert count_hooks(tiny) == 0
+    # ... and the same hooks with another run's values must change it (patches are not ignored)
+    other = trace(tiny, _tokens(seed=1), sites=("heads", "ffn", "resid"), progress=False)
+    for s in ("heads", "ffn", "resid"):
+        hook = (hook_for(s, 0), (lambda v: lambda act, hook: v.clone())(other.get(s, 0)))
+        with hooked(tiny, [hook]):
+            assert not torch.allclose(tiny(tokens), clean), s
+        with intervene(tiny, Patch(site=s, layer=0, source=other)):
+            assert not torch.allclose(tiny(tokens), clean), s
 
 
 RAGGED = [[1, 2, 3, 4, 5, 6], [7, 8], [9, 10, 11], [12, 13, 14, 15], [3, 3]]
