@@ -179,6 +179,8 @@ def test_scale_zero_equals_zero_ablation_and_per_row_positions(tiny):
         (Zero(site="resid_pre", layer=0, heads=(0,)), "no head axis"),
         (Zero(site="head_resid", layer=0), "computed"),
         (Zero(site="heads", layer=0, positions=()), "selects nothing"),
+        (Zero(site="attn_scores", layer=0), "not available on this model"),
+        (Zero(site="k", layer=0, heads=(4,)), "out of range"),
     ],
 )
 def test_bad_specs_are_refused_before_anything_is_attached(tiny, spec, words):
@@ -208,3 +210,25 @@ def test_hooked_checks_signatures_and_counts_aliases_once(tiny):
         assert count_hooks(tiny) == 1  # one hook, though the point has two names
         assert tiny.hook_dict["blocks.0.hook_in"] is tiny.hook_dict["blocks.0.hook_resid_pre"]
     assert count_hooks(tiny) == 0
+
+
+def test_mlp_sites_are_refused_on_an_attention_only_model(tiny_attn):
+    with pytest.raises(InputError, match="attention-only"), intervene(tiny_attn, Zero(site="ffn", layer=0)):
+        pass
+
+
+def test_kv_heads_of_a_grouped_query_model_are_addressed_by_kv_index():
+    from mechscope.models import load
+
+    gqa = load("native:n_layers=1,d_model=32,n_heads=4,d_head=8,d_mlp=64,d_vocab=50,n_ctx=16,"
+               "n_key_value_heads=2,seed=3")
+    tokens, _ = _pair()
+    with pytest.raises(InputError, match="it has 2 heads"), intervene(gqa, Zero(site="v", layer=0, heads=(2,))):
+        pass
+    with intervene(gqa, Zero(site="v", layer=0, heads=(1,))), \
+            Tracer(gqa, sites=("v", "patterns", "heads"), layers=(0,)) as tracer:
+        tr = tracer.run(tokens, progress=False)
+    assert float(tr.v(0)[:, :, 1].abs().max()) == 0.0 and float(tr.v(0)[:, :, 0].abs().max()) > 0
+    # query heads 2 and 3 read kv head 1 (repeat_interleave grouping): their outputs vanish
+    assert float(tr.heads(0)[:, :, 2:].abs().max()) == 0.0
+    assert float(tr.heads(0)[:, :, :2].abs().max()) > 0.0

@@ -50,7 +50,7 @@ from torch import Tensor
 
 from mechscope.errors import InputError
 from mechscope.probes.hooks import hooked
-from mechscope.probes.sites import SITE_SPECS, check_site, hook_for
+from mechscope.probes.sites import SITE_SPECS, check_site, check_site_on_model, hook_for
 from mechscope.types import Model
 
 if TYPE_CHECKING:
@@ -102,6 +102,7 @@ class Intervention:
                 f"layer {self.layer} out of range for {type(self).__name__} on {self.site!r}; "
                 f"the model has {n_layers} layers (0..{n_layers - 1})"
             )
+        check_site_on_model(model, self.site, [self.layer % n_layers])
         spec = SITE_SPECS[self.site]
         if self.heads is not None:
             if spec.head_axis is None:
@@ -176,7 +177,7 @@ def _replace_layer(spec: Intervention, layer: int) -> Intervention:
 
 def _n_heads(model: Model, site: str) -> int:
     spec = SITE_SPECS[site]
-    if getattr(spec, "kv_heads", False):
+    if spec.kv:
         return int(getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads)
     return int(model.cfg.n_heads)
 

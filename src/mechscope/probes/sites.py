@@ -50,10 +50,11 @@ A captured tensor is stored under its *key* ``"<site>.<layer>"`` (``"heads.3"``)
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
-from mechscope.errors import HookNameError
+from mechscope.errors import HookNameError, InputError
 
 Site = Literal[
     "heads", "head_resid", "patterns", "attn_scores", "q", "k", "v", "ffn_pre", "ffn",
@@ -156,3 +157,33 @@ def parse_sites(text: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
     if not out:
         raise HookNameError(f"no site given; choose from {', '.join(SITES)}")
     return tuple(out)
+
+
+def _fires_real_scores(attn: Any) -> bool:
+    """Whether this attention bridge fires ``hook_attn_scores`` with pre-softmax scores.
+
+    TransformerLens 4.3's generic ``AttentionBridge.forward`` (native/zoo models) fires it post
+    hoc with the module's second output, the post-softmax pattern; the bridges that compute the
+    attention themselves (HF Llama, GPT-2, BERT, ...) override ``forward`` and fire real scores.
+    """
+    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
+
+    return type(attn).forward is not AttentionBridge.forward or bool(
+        getattr(attn, "requires_relative_position_bias", False))
+
+
+def check_site_on_model(model: Any, site: str, layers: Iterable[int]) -> None:
+    """Raise an :class:`InputError`-family error when ``model`` cannot give ``site`` at ``layers``:
+    an MLP site on an attention-only model, or ``attn_scores`` where the bridge does not fire real
+    scores. Used by the tracer (reading) and by interventions (writing) alike."""
+    check_site(site)
+    if SITE_SPECS[site].needs_mlp and getattr(model.cfg, "attn_only", False):
+        raise HookNameError(f"site {site!r} needs MLPs, but this model is attention-only")
+    if site == "attn_scores" and not all(_fires_real_scores(model.blocks[layer].attn)
+                                         for layer in layers):
+        raise InputError(
+            "site 'attn_scores' is not available on this model: its TransformerLens attention "
+            "bridge (the generic AttentionBridge of native/zoo models) fires hook_attn_scores "
+            "with the post-softmax pattern, not the scores. Use 'q' and 'k' instead "
+            "(scores = q·kᵀ / sqrt(d_head), kv head h // group) or 'patterns'"
+        )

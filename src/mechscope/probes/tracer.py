@@ -38,7 +38,7 @@ from torch import Tensor
 from mechscope.errors import HookNameError, InputError
 from mechscope.probes import budget
 from mechscope.probes.hooks import hooked
-from mechscope.probes.sites import SITE_SPECS, hook_for, key_for, parse_sites
+from mechscope.probes.sites import SITE_SPECS, check_site_on_model, hook_for, key_for, parse_sites
 from mechscope.probes.tokens import Prompts, tokenize
 from mechscope.probes.trace import Trace, TraceWriter, concat_traces
 from mechscope.types import Model
@@ -104,19 +104,6 @@ def _check_heads(what: str, heads: tuple[int, ...] | None, n: int) -> None:
             raise HookNameError(f"{what} {bad} out of range; the model has {n} {what} per layer")
 
 
-def _fires_real_scores(attn: Any) -> bool:
-    """Whether this attention bridge fires ``hook_attn_scores`` with pre-softmax scores.
-
-    TransformerLens 4.3's generic ``AttentionBridge.forward`` (native/zoo models) fires it post
-    hoc with the module's second output, the post-softmax pattern; the bridges that compute the
-    attention themselves (HF Llama, GPT-2, BERT, ...) override ``forward`` and fire real scores.
-    """
-    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
-
-    return type(attn).forward is not AttentionBridge.forward or bool(
-        getattr(attn, "requires_relative_position_bias", False))
-
-
 class Tracer:
     """Capture sites of one model inside a ``with`` block.
 
@@ -158,18 +145,8 @@ class Tracer:
                     f"h // {self.n_heads // self.n_kv_heads}); pass kv_heads= for them"
                 )
             self.kv_heads = config.heads
-        if getattr(cfg, "attn_only", False):
-            mlp_sites = [s for s in config.sites if SITE_SPECS[s].needs_mlp]
-            if mlp_sites:
-                raise HookNameError(f"sites {mlp_sites} need MLPs, but this model is attention-only")
-        if "attn_scores" in config.sites and not all(
-                _fires_real_scores(model.blocks[layer].attn) for layer in self.layers):
-            raise InputError(
-                "site 'attn_scores' is not available on this model: its TransformerLens attention "
-                "bridge (the generic AttentionBridge of native/zoo models) fires hook_attn_scores "
-                "with the post-softmax pattern, not the scores. Capture 'q' and 'k' instead "
-                "(scores = q·kᵀ / sqrt(d_head), kv head h // group) or 'patterns'"
-            )
+        for site in config.sites:
+            check_site_on_model(model, site, self.layers)
         self._dtype = _DTYPES[config.dtype]
         self._buffer: dict[str, Tensor] = {}
         self._live: dict[str, Tensor] = {}
