@@ -36,6 +36,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechscope.errors import HookNameError, InputError
+from mechscope.metrics import Metric
 from mechscope.probes import budget
 from mechscope.probes.hooks import hooked
 from mechscope.probes.sites import SITE_SPECS, check_site_on_model, hook_for, key_for, parse_sites
@@ -47,8 +48,6 @@ __all__ = ["Metric", "Prompts", "TraceConfig", "Tracer", "tokenize", "trace", "t
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "float64": torch.float64}
-
-Metric = Callable[[Tensor], Tensor]
 
 
 @dataclass(frozen=True, kw_only=True)
