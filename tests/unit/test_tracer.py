@@ -309,3 +309,17 @@ def test_unknown_hook_name_attaches_nothing(tiny):
 def test_attention_only_model_traces(tiny_attn):
     tr = trace(tiny_attn, _tokens(), sites=("heads", "resid"), progress=False)
     assert tr.resid(1).shape == (3, 7, 32)
+
+
+def test_trace_folders_follow_the_umask(tiny, tmp_path):
+    """A streamed trace gets the modes the umask gives (not mkdtemp's 0700, safetensors' 0600)."""
+    import os
+
+    old = os.umask(0o027)
+    try:
+        trace(tiny, _tokens(), sites=("resid",), out_dir=tmp_path / "t", progress=False)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "t").stat().st_mode & 0o777 == 0o750
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "t").iterdir()}
+    assert modes and set(modes.values()) == {0o640}, modes

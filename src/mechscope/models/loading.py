@@ -257,30 +257,6 @@ def cache_root() -> Path:
     return Path(user_cache_dir("mechscope"))
 
 
-def current_umask() -> int:
-    """The process's umask (read without changing it where ``/proc`` allows)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def apply_umask(folder: Path) -> None:
-    """Give ``folder`` and everything under it the modes the user's umask gives new folders and
-    files. For folders made by ``tempfile.mkdtemp`` (always 0700) and files that libraries write
-    owner-only (``safetensors`` writes 0600), before they are renamed into place."""
-    mask = current_umask()
-    for path in (folder, *folder.rglob("*")):
-        if path.is_symlink():
-            continue
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
-
-
 def list_models() -> list[ModelInfo]:
     """What can be loaded here, with shapes, without loading weights."""
     from mechscope.models.hf import MINILM_INFO, minilm_available
@@ -350,9 +326,7 @@ __all__ = [
     "ModelInfo",
     "OfflineError",
     "WeightFileError",
-    "apply_umask",
     "cache_root",
-    "current_umask",
     "describe",
     "fingerprint",
     "list_models",

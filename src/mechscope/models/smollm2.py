@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mechscope._fs import apply_umask
 from mechscope.errors import MissingPackageError, WeightFileError
-from mechscope.models.loading import ModelInfo, apply_umask, cache_root
+from mechscope.models.loading import ModelInfo, cache_root
 
 if TYPE_CHECKING:
     from mechscope.types import Model

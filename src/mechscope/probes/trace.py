@@ -21,6 +21,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mechscope._fs import apply_umask
 from mechscope.errors import HookNameError, StoreError
 from mechscope.probes.sites import SITE_SPECS, key_for, split_key
 
@@ -260,6 +261,7 @@ class TraceWriter:
         index = {"format": FORMAT, "meta": self.meta, "shards": self.shards,
                  "n_prompts": sum(s["n_prompts"] for s in self.shards)}
         (self._tmp / INDEX).write_text(json.dumps(index, indent=1, default=str))
+        apply_umask(self._tmp)  # mkdtemp (0700) and safetensors (0600) are owner-only
         if self.directory.exists():
             shutil.rmtree(self.directory)
         os.replace(self._tmp, self.directory)

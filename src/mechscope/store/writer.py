@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mechscope._fs import apply_umask
 from mechscope.errors import InputError
 from mechscope.store.jsonsafe import _dumps, _jsonable, _table_payload, package_versions
 
@@ -100,15 +101,8 @@ class RunWriter:
         self._check_name(name)
         self._staging.mkdir(parents=True, exist_ok=True)
         path = self._staging / f"{name}.safetensors"
-        # safetensors writes owner-only (0600) files; give it the mode the umask allows instead,
-        # read off a file created the ordinary way.
-        fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o666)
-        try:
-            mode = os.fstat(fd).st_mode & 0o777
-        finally:
-            os.close(fd)
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
-        os.chmod(path, mode)
+        apply_umask(path)  # safetensors writes owner-only (0600) files; the umask decides
         self._tensors[name] = f"tensors/{self.id}/{name}.safetensors"
 
     def time(self, label: str, seconds: float) -> None:

@@ -295,7 +295,7 @@ def write_checkpoint(
     Everything is written to a sibling temporary folder first and swapped in at the end, so a
     failure never leaves a half-written checkpoint where ``load_zoo`` would find it.
     """
-    from mechscope.models.loading import apply_umask
+    from mechscope._fs import apply_umask
     from mechscope.models.zoo.cards import write_card
     from mechscope.models.zoo.truth import ground_truth
 
