@@ -323,3 +323,11 @@ def test_trace_folders_follow_the_umask(tiny, tmp_path):
     assert (tmp_path / "t").stat().st_mode & 0o777 == 0o750
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "t").iterdir()}
     assert modes and set(modes.values()) == {0o640}, modes
+
+
+def test_an_unwritable_trace_folder_is_one_clear_error_before_any_forward(tiny, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(StoreError, match="cannot write a trace to"):
+        trace(tiny, _tokens(), sites=("resid",), out_dir=blocker / "t", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

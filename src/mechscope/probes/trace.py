@@ -230,9 +230,13 @@ class TraceWriter:
         self._tmp: Path | None = None
 
     def __enter__(self) -> TraceWriter:
-        self.directory.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.directory.name}.tmp-",
-                                          dir=self.directory.parent))
+        try:
+            self.directory.parent.mkdir(parents=True, exist_ok=True)
+            self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.directory.name}.tmp-",
+                                              dir=self.directory.parent))
+        except OSError as exc:
+            raise StoreError(f"cannot write a trace to {self.directory}: {exc.strerror or exc}; "
+                             "choose a folder you can write to") from None
         return self
 
     def write(self, trace: Trace) -> None:
