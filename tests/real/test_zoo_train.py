@@ -12,16 +12,20 @@ on another machine differed by up to 0.2 in single weights for facts-attn (0.001
 accuracy 1.000, and moved patching effects by up to 0.03. Hence the one-point tolerance on
 accuracy, and circuit membership compared only for heads whose shipped effect is at least 0.05
 away from the 0.2 threshold (facts-attn's L1H1 sits at 0.19: a diffuse circuit, not a regression).
+Beyond membership, the retrained heads' patching effects must be ordered like the shipped ones:
+Harrell's concordance of the new effects with the shipped ones >= 0.9, comparing only heads whose
+shipped effects differ by at least 0.05 (closer pairs are within a retrain's drift).
 """
 
 from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 
 from mechscope.models.zoo import RECIPES, train_zoo, zoo_card, zoo_names
-from mechscope.models.zoo.truth import THRESHOLD
+from mechscope.models.zoo.groundtruth import THRESHOLD, GroundTruth, concordance
 
 pytestmark = pytest.mark.slow
 
@@ -50,13 +54,14 @@ def test_full_training_reproduces_accuracy(tmp_path, name: str) -> None:
     assert abs(card.accuracy - shipped.accuracy) <= 0.01
     assert card.card["recipe"] == shipped.card["recipe"]
     # circuit membership must agree wherever the shipped effect is clearly off the threshold
-    ship, new = shipped.ground_truth()["patching"], card.ground_truth()["patching"]
-    for table in ("head_out_denoise", "head_out_noise"):
-        for layer, row in enumerate(ship[table]):
-            for head, effect in enumerate(row):
-                if abs(abs(effect) - THRESHOLD) < 0.05:
-                    continue
-                now = new[table][layer][head]
-                in_ship, in_new = abs(effect) >= THRESHOLD, abs(now) >= THRESHOLD
-                assert in_ship == in_new, (table, layer, head, effect, now)
+    ship, new = GroundTruth.load(shipped.directory), GroundTruth.load(card.directory)
+    for table in ("head_denoise", "head_noise"):
+        for (layer, head), effect in np.ndenumerate(getattr(ship, table)):
+            if abs(abs(effect) - THRESHOLD) < 0.05:
+                continue
+            now = getattr(new, table)[layer, head]
+            in_ship, in_new = abs(effect) >= THRESHOLD, abs(now) >= THRESHOLD
+            assert in_ship == in_new, (table, layer, head, effect, now)
+    # and the effects, as continuous numbers, must be ordered the same way
+    assert concordance(ship.effect(), new.effect(), min_gap=0.05) >= 0.9
     assert card.card["train_seconds"] <= 15 * 60

@@ -16,8 +16,9 @@ from safetensors.torch import load_file, save_file
 from mechscope.errors import SpecError, WeightFileError
 from mechscope.models.zoo import RECIPES, list_zoo, load_zoo, train_zoo, zoo_card, zoo_names
 from mechscope.models.zoo.data import EVAL_BATCHES
-from mechscope.models.zoo.truth import accuracy, detector_scores, uniform_attention_hooks
-from mechscope.probes.hooks import count_hooks, hooked
+from mechscope.models.zoo.groundtruth import GroundTruth
+from mechscope.models.zoo.truth import accuracy, detector_scores, uniform_attention
+from mechscope.probes import count_hooks, intervene, trace
 
 SHIPPED = zoo_names()
 REQUIRED = ["induction", "retrieval", "facts", "ioi"]
@@ -51,10 +52,10 @@ def test_checkpoint_is_complete(name: str) -> None:
         assert key in card.card, key
     assert card.card["recipe"]["seed"] == RECIPES[name].seed
     assert card.card["recipe"]["steps"] == RECIPES[name].steps
-    truth = card.ground_truth()
+    truth = GroundTruth.load(card.directory)
     cfg = card.config
-    assert len(truth["patching"]["head_out_denoise"]) == cfg["n_layers"]
-    assert len(truth["patching"]["head_out_denoise"][0]) == cfg["n_heads"]
+    assert truth.head_denoise.shape == (cfg["n_layers"], cfg["n_heads"])
+    assert truth.name == name and truth.accuracy == card.accuracy
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -73,46 +74,42 @@ def test_induction_heads_by_head_detector(models: dict) -> None:
 
 def test_retrieval_heads_ablation(models: dict) -> None:
     model, recipe = models["retrieval"], RECIPES["retrieval"]
-    truth = zoo_card("retrieval").ground_truth()
-    ret = [tuple(h) for h in truth["retrieval_heads"]]
+    truth = GroundTruth.load("zoo:retrieval").retrieval
+    assert truth is not None
+    ret = list(truth.heads)
     assert ret
     batches = EVAL_BATCHES[recipe.task](recipe, 44, FRESH_SEED)
-    assert accuracy(model, batches, uniform_attention_hooks(ret)) < 0.5
-    circuit = {tuple(h) for h in truth["circuit_heads"] + truth["local_heads"]} | set(ret)
+    assert accuracy(model, batches, uniform_attention(ret)) < 0.5
+    circuit = {tuple(h) for h in zoo_card("retrieval").circuit_heads} | set(truth.local_heads)
     others = [(a, b) for a in range(model.cfg.n_layers) for b in range(model.cfg.n_heads)
-              if (a, b) not in circuit]  # fmt: skip
+              if (a, b) not in circuit | set(ret)]  # fmt: skip
     assert len(others) >= len(ret)
     gen = torch.Generator().manual_seed(FRESH_SEED)
     for _ in range(3):
         pick = [others[int(i)] for i in torch.randperm(len(others), generator=gen)[: len(ret)]]
-        assert accuracy(model, batches, uniform_attention_hooks(pick)) >= 0.5, pick
+        assert accuracy(model, batches, uniform_attention(pick)) >= 0.5, pick
 
 
 def test_retrieval_mechanism_is_key_tagging_then_copy(models: dict) -> None:
     """The card's mechanism: layer-0 local heads tag each value with its key; layer-1 heads copy."""
     model, recipe = models["retrieval"], RECIPES["retrieval"]
-    truth = zoo_card("retrieval").ground_truth()
-    assert truth["local_heads"] and all(layer == 0 for layer, _ in truth["local_heads"])
-    assert all(layer == 1 for layer, _ in truth["retrieval_heads"])
+    truth = GroundTruth.load("zoo:retrieval").retrieval
+    assert truth is not None
+    assert truth.local_heads and all(layer == 0 for layer, _ in truth.local_heads)
+    assert all(layer == 1 for layer, _ in truth.heads)
     batches = EVAL_BATCHES[recipe.task](recipe, 44, FRESH_SEED + 1)
-    tag = [tuple(h) for h in truth["local_heads"]]
-    assert accuracy(model, batches, uniform_attention_hooks(tag)) < 0.5
+    assert accuracy(model, batches, uniform_attention(truth.local_heads)) < 0.5
 
 
 def test_uniform_ablation_keeps_rows_causal_and_stochastic(models: dict) -> None:
     model = models["induction"]
-    seen = {}
-
-    def grab(act: torch.Tensor, hook: object) -> None:
-        seen["p"] = act
-
     tokens = torch.randint(1, 256, (2, 9))
-    hooks = [*uniform_attention_hooks([(0, 1)]), ("blocks.0.attn.hook_pattern", grab)]
-    with torch.no_grad(), hooked(model, hooks):
-        model(tokens)
-    p = seen["p"][:, 1]
+    with intervene(model, uniform_attention([(0, 1)])):
+        seen = trace(model, tokens, sites=("patterns",), layers=(0,), progress=False)
+    p = seen.pattern(0)[:, 1]
     assert torch.allclose(p.sum(-1), torch.ones(2, 9))
     assert torch.allclose(p[0, 3, :4], torch.full((4,), 0.25)) and float(p[0, 3, 4:].sum()) == 0
+    assert count_hooks(model) == 0
 
 
 def test_list_zoo_shows_accuracy_and_circuit() -> None:
@@ -164,8 +161,10 @@ def test_train_zoo_writes_a_loadable_checkpoint(tmp_path, name: str) -> None:
     card = train_zoo(name, steps=3, out_dir=tmp_path, progress=False)
     assert card.name == name and card.directory == tmp_path / name
     assert card.card["recipe"]["steps"] == 3
-    truth = json.loads((tmp_path / name / "ground_truth.json").read_text())
-    assert {"accuracy", "head_scores", "patching", "circuit_heads", "circuit_rule"} <= set(truth)
+    raw = json.loads((tmp_path / name / "ground_truth.json").read_text())
+    truth = GroundTruth.load(tmp_path / name)
+    assert truth.to_dict() == raw and truth.name == name
+    assert truth.head_denoise.shape == (RECIPES[name].n_layers, RECIPES[name].n_heads)
     model = load_zoo(name, root=tmp_path)
     assert model.cfg.n_layers == RECIPES[name].n_layers
     assert (tmp_path / name / "card.md").read_text().startswith(f"# zoo:{name}")
