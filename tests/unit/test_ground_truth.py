@@ -232,3 +232,12 @@ def test_retrieval_ablation_finds_the_copy_heads() -> None:
     shipped = GroundTruth.load("zoo:retrieval")
     assert shipped.retrieval is not None and set(shipped.retrieval.heads) == {(1, 4), (1, 6)}
     assert shipped.score_heads(shipped.head_scores["copy"])["auc_retrieval"] == 1.0
+
+
+def test_a_zoo_card_gives_its_typed_ground_truth():
+    from mechscope.models.zoo import zoo_card
+    from mechscope.models.zoo.groundtruth import GroundTruth
+
+    truth = zoo_card("induction").ground_truth()
+    assert isinstance(truth, GroundTruth)
+    assert [list(h) for h in truth.circuit_heads] == [list(h) for h in zoo_card("induction").circuit_heads]

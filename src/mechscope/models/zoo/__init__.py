@@ -12,9 +12,13 @@ Each checkpoint lives in ``checkpoints/<name>/``:
 ``mechscope zoo train <name>`` regenerates every file of a checkpoint from its recipe
 (:func:`train_zoo`, recipes in :data:`RECIPES`) into the user cache folder (or ``--out``), never
 into the package: the shipped checkpoints are never overwritten. A checkpoint folder anywhere loads
-by its path (``load("/path/to/induction")``; :func:`is_zoo_checkpoint`). Submodules: ``recipes`` (the table), ``data``
-(training streams and evaluation batches), ``train`` (the loop), ``truth`` (ground truth: head
-scores, TransformerLens activation patching, circuit rule, ablations), ``cards`` (card files).
+by its path (``load("/path/to/induction")``; :func:`is_zoo_checkpoint`).
+
+Submodules: ``recipes`` (the table), ``data`` (training streams and evaluation batches), ``train``
+(the loop), ``truth`` (computing ground truth: head scores, exhaustive activation patching with
+mechscope's tracer and interventions, circuit rule, ablations), ``groundtruth`` (the typed
+:class:`~mechscope.models.zoo.groundtruth.GroundTruth` and detector scoring against it),
+``cards`` (card files).
 
 Caveat: a checkpoint is only as good as its ground truth; read ``card.md`` for what was verified.
 """
@@ -30,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from mechscope.errors import SpecError, WeightFileError
 
 if TYPE_CHECKING:
+    from mechscope.models.zoo.groundtruth import GroundTruth
     from mechscope.types import Model
 
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
@@ -55,9 +60,11 @@ class ZooCard:
     def directory(self) -> Path:
         return self.root / self.name
 
-    def ground_truth(self) -> dict[str, Any]:
-        """The checkpoint's ``ground_truth.json``."""
-        return json.loads((self.directory / "ground_truth.json").read_text())
+    def ground_truth(self) -> GroundTruth:
+        """The checkpoint's ``ground_truth.json`` as a typed :class:`GroundTruth`."""
+        from mechscope.models.zoo.groundtruth import GroundTruth
+
+        return GroundTruth.load(self.directory)
 
     def summary(self) -> str:
         """One line: name, accuracy, circuit heads, description."""
