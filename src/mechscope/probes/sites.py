@@ -55,6 +55,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 from mechscope.errors import HookNameError, InputError
+from mechscope.types import Model
 
 Site = Literal[
     "heads", "head_resid", "patterns", "attn_scores", "q", "k", "v", "ffn_pre", "ffn",
@@ -172,7 +173,7 @@ def _fires_real_scores(attn: Any) -> bool:
         getattr(attn, "requires_relative_position_bias", False))
 
 
-def check_site_on_model(model: Any, site: str, layers: Iterable[int]) -> None:
+def check_site_on_model(model: Model, site: str, layers: Iterable[int]) -> None:
     """Raise an :class:`InputError`-family error when ``model`` cannot give ``site`` at ``layers``:
     an MLP site on an attention-only model, or ``attn_scores`` where the bridge does not fire real
     scores. Used by the tracer (reading) and by interventions (writing) alike."""

@@ -19,11 +19,12 @@ from mechscope.store.jsonsafe import _dumps, _jsonable, _table_payload, package_
 
 if TYPE_CHECKING:
     from mechscope.store.db import Store
+    from mechscope.types import Model
 
 class RunWriter:
     """A run being written; results become visible only when the ``with`` block succeeds."""
 
-    def __init__(self, store: Store, kind: str, *, config: Any, model: Any,
+    def __init__(self, store: Store, kind: str, *, config: Any, model: Model | None,
                  model_spec: str | None, seed: int | None,
                  model_fingerprint: str | None = None) -> None:
         from mechscope.models.loading import fingerprint, spec_of
