@@ -17,6 +17,7 @@ v           ``blocks.l.attn.hook_v``            [batch, pos, kv_head, d_head]
 ffn_pre     ``blocks.l.mlp.hook_pre``           [batch, pos, d_mlp]
 ffn         ``blocks.l.mlp.hook_post``          [batch, pos, d_mlp]
 resid_pre   ``blocks.l.hook_resid_pre``         [batch, pos, d_model]
+resid_mid   ``blocks.l.hook_resid_mid``         [batch, pos, d_model] (models with MLPs)
 resid       ``blocks.l.hook_resid_post``        [batch, pos, d_model]
 attn_out    ``blocks.l.hook_attn_out``          [batch, pos, d_model]
 mlp_out     ``blocks.l.hook_mlp_out``           [batch, pos, d_model]
@@ -59,7 +60,7 @@ from mechscope.types import Model
 
 Site = Literal[
     "heads", "head_resid", "patterns", "attn_scores", "q", "k", "v", "ffn_pre", "ffn",
-    "resid_pre", "resid", "attn_out", "mlp_out",
+    "resid_pre", "resid", "attn_out", "mlp_out", "resid_mid",
 ]  # fmt: skip
 SITES: tuple[str, ...] = get_args(Site)
 
@@ -117,6 +118,7 @@ SITE_SPECS: dict[str, SiteSpec] = {
     "ffn": SiteSpec("blocks.{layer}.mlp.hook_post", _MLP, needs_mlp=True),
     "resid_pre": SiteSpec("blocks.{layer}.hook_resid_pre", _RESID),
     "resid": SiteSpec("blocks.{layer}.hook_resid_post", _RESID),
+    "resid_mid": SiteSpec("blocks.{layer}.hook_resid_mid", _RESID, needs_mlp=True),
     "attn_out": SiteSpec("blocks.{layer}.hook_attn_out", _RESID),
     "mlp_out": SiteSpec("blocks.{layer}.hook_mlp_out", _RESID, needs_mlp=True),
 }

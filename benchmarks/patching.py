@@ -1,0 +1,156 @@
+"""Batched exact activation patching vs TransformerLens's one-forward-per-patch loop.
+
+Cases: ``get_act_patch_resid_pre`` and ``get_act_patch_attn_head_out_by_pos`` (denoising, the
+normalised logit difference) on ``zoo:ioi`` and on SmolLM2 with a ~15-token IOI prompt pair.
+Per PERFORMANCE.md: fp32 correctness gate first (exit 1 on failure, before timing), warm-up,
+alternating repetitions, medians/min/max and peer/ours; U (patches), shapes, FLOPs relative to
+the naive L*T(*H) forwards, achieved GFLOP/s beside a 2048^3 fp32 matmul measured in this run.
+One JSON line per case.
+
+    python benchmarks/patching.py            # zoo:ioi and SmolLM2
+    python benchmarks/patching.py --quick    # tiny native model, gate only (< 30 s)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+from transformer_lens import patching
+
+from mechscope.attribution import patch_sweep
+from mechscope.models import load
+from mechscope.tasks.base import TaskBatch
+
+TINY = "native:n_layers=2,d_model=32,n_heads=4,d_head=8,d_mlp=64,d_vocab=50,n_ctx=32,seed=1"
+PEERS = {"resid_pre": patching.get_act_patch_resid_pre,
+         "heads": patching.get_act_patch_attn_head_out_by_pos}  # fmt: skip
+PEER_NAMES = {"resid_pre": "get_act_patch_resid_pre", "heads": "get_act_patch_attn_head_out_by_pos"}
+
+
+def _ld(batch: TaskBatch, logits: torch.Tensor) -> torch.Tensor:
+    rows = torch.arange(logits.shape[0])
+    at = logits[rows, batch.answer_pos]
+    return (at[rows, batch.answer] - at[rows, batch.corrupt_answer]).mean()
+
+
+def matmul_gflops() -> float:
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    best = min(_time(lambda: a @ b) for _ in range(3))
+    return 2 * 2048**3 / best / 1e9
+
+
+def _time(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def forward_flops(model, rows: int, n_pos: int) -> float:
+    """Matmul FLOPs of one forward of ``rows`` x ``n_pos`` tokens (2 * params-in-matmuls + attn)."""
+    c = model.cfg
+    d, h, dh, L = int(c.d_model), int(c.n_heads), int(c.d_head), int(c.n_layers)
+    kv = int(getattr(c, "n_key_value_heads", None) or h)
+    mlp = 0 if c.attn_only else (3 if getattr(c, "gated_mlp", False) else 2) * d * int(c.d_mlp)
+    per_tok = L * (d * h * dh * 2 + 2 * d * kv * dh + mlp + 2 * h * dh * n_pos) + d * int(c.d_vocab)
+    return 2.0 * rows * n_pos * per_tok
+
+
+def case(model, name: str, batch: TaskBatch, site: str, reps: int, quick: bool, ceiling: float) -> dict:
+    with torch.no_grad():
+        c, k = float(_ld(batch, model(batch.clean))), float(_ld(batch, model(batch.corrupt)))
+        _, cache = model.run_with_cache(batch.clean)
+
+    def peer():
+        return PEERS[site](model, batch.corrupt, cache, lambda lg: (_ld(batch, lg) - k) / (c - k))
+
+    def ours():
+        return patch_sweep(model, batch, site=site, progress=False)
+
+    want, got = peer(), ours()
+    err = float((got.scores.double() - want.double()).abs().max())
+    tol = 1e-4 * float(want.abs().max()) + 1e-5
+    b, n_pos = batch.clean.shape
+    L, H = int(model.cfg.n_layers), int(model.cfg.n_heads)
+    row = {"case": f"{name}:{site}", "peer": f"transformer_lens.patching.{PEER_NAMES[site]}",
+           "gate": "pass" if err <= tol else "FAIL", "max_abs_err": err, "tol": tol,
+           "U": got.n_patches, "skipped": got.n_skipped, "run": got.work["run"],
+           "batch": b, "seq_len": n_pos, "layers": L, "heads": H, "d_model": int(model.cfg.d_model),
+           "grid": list(got.scores.shape), "forwards_ours": got.work["forwards"],
+           "forwards_peer": got.n_patches + 1, "flops_vs_naive": got.work["flops_vs_naive"]}  # fmt: skip
+    if err > tol:
+        print(json.dumps(row), flush=True)
+        sys.exit(1)
+    if not quick:
+        peer(), ours()  # warm-up
+        tp, to = [], []
+        for _ in range(reps):
+            tp.append(_time(peer))
+            to.append(_time(ours))
+        f1 = forward_flops(model, b, n_pos)
+        ours_flops = f1 * (got.work["run"] + 2)
+        row |= {"R": reps, "peer_s": {"median": statistics.median(tp), "min": min(tp), "max": max(tp)},
+                "ours_s": {"median": statistics.median(to), "min": min(to), "max": max(to)},
+                "ratio_peer_over_ours": statistics.median(tp) / statistics.median(to),
+                "ours_gflops": ours_flops / statistics.median(to) / 1e9,
+                "peer_gflops": f1 * (got.n_patches + 1) / statistics.median(tp) / 1e9,
+                "matmul_2048_fp32_gflops": ceiling}  # fmt: skip
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def smollm2_batch(model) -> TaskBatch:
+    text_c = "When Mary and John went to the store, John gave a drink to"
+    text_k = "When Mary and John went to the store, Anna gave a drink to"
+    tok = model.tokenizer
+    clean = torch.tensor([tok.encode(text_c)])
+    corrupt = torch.tensor([tok.encode(text_k)])
+    if clean.shape != corrupt.shape:
+        raise SystemExit("the SmolLM2 prompt pair tokenizes to different lengths")
+    ans, wrong = tok.encode(" Mary")[-1], tok.encode(" John")[-1]
+    return TaskBatch(task="ioi", clean=clean, corrupt=corrupt, answer=torch.tensor([ans]),
+                     corrupt_answer=torch.tensor([wrong]),
+                     answer_pos=torch.tensor([clean.shape[1] - 1]), seed=0)  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny native model, gate only")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--smollm2-reps", type=int, default=3)
+    ap.add_argument("--skip-smollm2", action="store_true")
+    args = ap.parse_args()
+    torch.set_grad_enabled(False)
+    if args.quick:
+        model = load(TINY)
+        g = torch.Generator().manual_seed(0)
+        clean = torch.randint(0, 50, (4, 10), generator=g)
+        corrupt = clean.clone()
+        corrupt[:, 4] = (clean[:, 4] + 1) % 50
+        batch = TaskBatch(task="toy", clean=clean, corrupt=corrupt, answer=torch.tensor([1, 2, 3, 4]),
+                          corrupt_answer=torch.tensor([5, 6, 7, 8]),
+                          answer_pos=torch.full((4,), 9), seed=0)  # fmt: skip
+        for site in PEERS:
+            case(model, "tiny", batch, site, 0, True, 0.0)
+        return
+    ceiling = matmul_gflops()
+    from mechscope.models.zoo.groundtruth import GroundTruth
+
+    model = load("zoo:ioi")
+    batch = GroundTruth.load("zoo:ioi").by_position[0].batch.batch()
+    for site in PEERS:
+        case(model, "zoo:ioi", batch, site, args.reps, False, ceiling)
+    if not args.skip_smollm2:
+        model = load("smollm2")
+        batch = smollm2_batch(model)
+        # the peer's head sweep is L*T*H = ~4000 forwards a repetition: resid_pre only here
+        case(model, "smollm2", batch, "resid_pre", args.smollm2_reps, False, ceiling)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,384 @@
+"""Exact activation patching, batched: every patched variant of a sweep, many per forward.
+
+Method (Vig et al. 2020; Meng et al. 2022; Wang et al. 2022; Heimersheim & Nanda 2024, "How to
+use and interpret activation patching"): run the model on one prompt with one activation taken
+from the other prompt's run, and measure the metric. *Denoise* writes the clean run's activation
+into the corrupt run, *noise* the corrupt run's into the clean run. A sweep patches every layer x
+position (x head) of one site. The numbers are TransformerLens's ``patching.get_act_patch_*``
+(the test oracle), which runs one forward per patch; this engine computes the same ones with less
+overhead:
+
+1. batching: V patched variants are stacked on the batch axis (V x B rows per forward), each with
+   its own selection mask, written by one :class:`~mechscope.probes.Apply` per layer through
+   :func:`~mechscope.probes.intervene` (``torch.where(mask, source, act)``: unselected entries are
+   untouched bit for bit). The source is broadcast, never copied V times. Chunks are sized under a
+   memory budget (``max_bytes``, the tracer's default: ``$MECHSCOPE_MAX_BYTES`` else 4 GiB).
+2. exact no-ops are skipped: a patch whose source equals the activation it replaces bit for bit
+   (positions before the first clean/corrupt difference, ``resid_pre`` of layer 0 where tokens
+   agree, dead heads), and, with the default answer-position metric, a patch after every row's
+   scored position (causal attention), leaves the run unchanged; its score is the unpatched
+   run's, exactly (0 when normalised). The count is reported.
+3. the metric is reduced per chunk: with the default metric only the logits at ``answer_pos``
+   are read, and no chunk's logits outlive it.
+
+Caveats. ``resume=True`` starts each variant at its patched layer through the bridge's
+``forward(resid, start_at_layer=l)``, fed the target run's ``resid_pre`` of layer ``l``. It is
+exact (tests compare it with a full forward), but in TransformerLens 4.3 the bridge still executes
+blocks ``0..l-1`` (on the injected residual, then discards them), so it saves no FLOPs yet and is
+off by default. Right-padded rows are run without an attention mask, as the oracle does (harmless
+for a causal model's real tokens).
+
+TODO(next step): reuse the target run's keys/values for positions before the patched one (a
+causal model computes them unchanged) and run only positions >= p, another ~2T/(T+1) fewer FLOPs;
+not done because the bridge's ``past_key_values`` path is not exact against a full forward in
+TransformerLens 4.3, and the engine must equal the oracle.
+
+>>> import torch
+>>> from mechscope.models import load
+>>> model = load("native:n_layers=2,d_model=16,n_heads=2,d_head=8,d_mlp=32,d_vocab=11,n_ctx=8")
+>>> clean, corrupt = torch.tensor([[1, 2, 3, 4]]), torch.tensor([[1, 2, 5, 4]])
+>>> metric = lambda logits: logits[:, -1, 0].mean()
+>>> r = patch_sweep(model, (clean, corrupt), metric=metric, progress=False)
+>>> r.scores.shape, r.n_skipped  # positions 0 and 1 agree: 2 no-ops at each of 2 layers
+(torch.Size([2, 4]), 4)
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, cast, get_args
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm import tqdm
+
+from mechscope.attribution.result import PatchResult
+from mechscope.errors import HookNameError, InputError
+from mechscope.metrics import Direction, answer_prob, logit_diff, normalised_patching
+from mechscope.probes import Apply, Intervention, Tracer, intervene
+from mechscope.probes import budget as _budget
+from mechscope.probes.sites import check_site_on_model
+from mechscope.results import Provenance
+from mechscope.tasks.base import TaskBatch
+from mechscope.types import Model
+
+PatchSite = Literal["resid_pre", "resid_mid", "attn_out", "mlp_out", "heads"]
+PATCH_SITES: tuple[str, ...] = get_args(PatchSite)
+By = Literal["position", "all"]
+MetricFn = Callable[[Float[Tensor, "batch pos vocab"]], Float[Tensor, ""]]
+#: A variant: (layer, position or None for all, head or None for all).
+Variant = tuple[int, int | None, int | None]
+DEFAULT_METRIC = "logit_diff(answer - corrupt_answer) at answer_pos, normalised by the gap"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SweepConfig:
+    """Options of :func:`patch_sweep` (the metric is passed beside it: it is a function).
+
+    Attributes:
+        site: ``resid_pre``, ``resid_mid``, ``attn_out``, ``mlp_out`` or ``heads`` (``hook_z``).
+        by: ``position`` (one patch per layer x position (x head)) or ``all`` (every position).
+        direction: ``denoise`` (clean into the corrupt run) or ``noise`` (corrupt into clean).
+        max_bytes: memory budget of one chunk of variants; None: the tracer's default.
+        resume: start each variant's forward at its layer (exact; no FLOPs saved yet, see the
+            module docstring).
+        progress: a tqdm bar on stderr.
+    """
+
+    site: str = "resid_pre"
+    by: str = "position"
+    direction: str = "denoise"
+    max_bytes: int | None = None
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.site not in PATCH_SITES:
+            raise HookNameError(f"cannot sweep site {self.site!r}; choose from "
+                                f"{', '.join(PATCH_SITES)}")  # fmt: skip
+        if self.by not in ("position", "all"):
+            raise InputError(f"by must be 'position' or 'all', got {self.by!r}")
+        if self.direction not in ("denoise", "noise"):
+            raise InputError(f"direction must be 'denoise' or 'noise', got {self.direction!r}")
+        if self.max_bytes is not None and self.max_bytes < 1:
+            raise InputError(f"max_bytes must be a positive number of bytes, got {self.max_bytes}")
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+
+
+def _pair(task_or_pair: TaskBatch | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    if isinstance(task_or_pair, TaskBatch):
+        return task_or_pair.clean, task_or_pair.corrupt
+    if not (isinstance(task_or_pair, tuple | list) and len(task_or_pair) == 2):
+        raise InputError("give a TaskBatch or a (clean_tokens, corrupt_tokens) pair")
+    clean, corrupt = (torch.as_tensor(t) for t in task_or_pair)
+    clean, corrupt = (t[None] if t.ndim == 1 else t for t in (clean, corrupt))
+    if clean.ndim != 2 or clean.dtype.is_floating_point or corrupt.dtype.is_floating_point:
+        raise InputError(f"tokens must be integer [batch, pos]; got {tuple(clean.shape)}")
+    if clean.shape != corrupt.shape:
+        raise InputError(f"clean {tuple(clean.shape)} and corrupt {tuple(corrupt.shape)} tokens "
+                         "differ in shape; pad them to the same length (patching writes position "
+                         "p of one run into position p of the other)")  # fmt: skip
+    if clean.numel() == 0:
+        raise InputError("empty prompts: give at least one token per row")
+    return clean, corrupt
+
+
+def _variants(cfg: SweepConfig, n_layers: int, n_pos: int, n_heads: int) -> list[Variant]:
+    layers, positions = range(n_layers), range(n_pos)
+    heads: list[int | None] = list(range(n_heads)) if cfg.site == "heads" else [None]
+    if cfg.by == "all":
+        return [(ly, None, h) for ly in layers for h in heads]
+    return [(ly, p, h) for ly in layers for p in positions for h in heads]
+
+
+def _grid(cfg: SweepConfig, n_layers: int, n_pos: int, n_heads: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    if cfg.site == "heads":
+        if cfg.by == "all":
+            return ("layer", "head"), (n_layers, n_heads)
+        return ("layer", "pos", "head"), (n_layers, n_pos, n_heads)
+    if cfg.by == "all":
+        return ("layer",), (n_layers,)
+    return ("layer", "pos"), (n_layers, n_pos)
+
+
+def _site_elems(model: Model, site: str) -> int:
+    cfg = model.cfg
+    return int(cfg.n_heads) * int(cfg.d_head) if site == "heads" else int(cfg.d_model)
+
+
+def plan_chunk(model: Model, cfg: SweepConfig, batch: int, n_pos: int) -> int:
+    """How many variants fit in one forward under the budget (raises when not even one does).
+
+    The estimate per variant (``batch`` rows of ``n_pos`` tokens, 4 bytes a number): the logits,
+    one layer's attention scores and pattern, ~8 residual-width and 2 MLP-width activations, and
+    the patch mask; fixed: the two traced runs of the site at every layer.
+    """
+    c = model.cfg
+    d_mlp = 0 if c.attn_only else int(getattr(c, "d_mlp", None) or 4 * int(c.d_model))
+    per_row = (int(c.d_vocab) + 2 * int(c.n_heads) * n_pos + 8 * int(c.d_model) + 2 * d_mlp
+               + (int(c.d_model) if cfg.resume else 0))  # fmt: skip
+    per_variant = 4 * batch * n_pos * per_row + n_pos * int(c.n_heads)
+    fixed = 2 * 4 * int(c.n_layers) * batch * n_pos * (_site_elems(model, cfg.site) + int(c.d_model))
+    budget = _budget.max_bytes(cfg.max_bytes)
+    if budget - fixed < per_variant:
+        raise InputError(
+            f"the memory budget of {_budget.human(budget)} is too small for one patched variant: "
+            f"the two source runs need ~{_budget.human(fixed)} and each variant "
+            f"~{_budget.human(per_variant)} ({batch} rows x {n_pos} tokens); raise max_bytes "
+            f"(or {_budget.ENV_VAR}=16G), or use fewer or shorter prompts"
+        )
+    return max(1, (budget - fixed) // per_variant)
+
+
+# ---------------------------------------------------------------------------------------------
+# the sweep
+
+
+def _trace(model: Model, tokens: Tensor, sites: tuple[str, ...]) -> tuple[Tensor, dict[str, Tensor]]:
+    n_layers = int(model.cfg.n_layers)
+    with Tracer(model, sites=sites, batch_size=len(tokens)) as tracer:
+        logits, trace = tracer.forward(tokens)
+    return logits, {f"{s}.{ly}": trace.get(s, ly) for s in sites for ly in range(n_layers)}
+
+
+def _differs(src: Tensor, tgt: Tensor, by: str) -> Tensor:
+    """``[pos]`` or ``[pos, head]`` (or ``[]``/``[head]`` for by=all): where src != tgt anywhere."""
+    ne = src != tgt  # [batch, pos, (head,) d]
+    out = ne.any(-1).any(0)  # [pos, (head)]
+    return out.any(0) if by == "all" else out
+
+
+def _writer(mask: Tensor, src: Tensor, n_var: int) -> Callable[[Tensor], Tensor]:
+    """``act [V*B, ...] -> where(mask [V, 1, ..., 1], src [B, ...], act)`` without copying src."""
+
+    def fn(act: Tensor) -> Tensor:
+        view = act.reshape(n_var, -1, *act.shape[1:])
+        return torch.where(mask, src.to(act.dtype)[None], view).reshape(act.shape)
+
+    return fn
+
+
+def _specs(site: str, chunk: list[Variant], source: dict[str, Tensor], n_pos: int) -> list[Intervention]:
+    specs: list[Intervention] = []
+    for layer in dict.fromkeys(v[0] for v in chunk):
+        src = source[f"{site}.{layer}"]
+        mask = torch.zeros(len(chunk), 1, *src.shape[1:-1], 1, dtype=torch.bool, device=src.device)
+        for j, (ly, pos, head) in enumerate(chunk):
+            if ly == layer:
+                idx: tuple[Any, ...] = (j, 0, slice(None) if pos is None else pos)
+                mask[idx + ((slice(None) if head is None else head,) if src.ndim == 4 else ())] = True
+        specs.append(Apply(site=site, layer=layer, fn=_writer(mask, src, len(chunk))))
+    return specs
+
+
+def _chunks(run: list[Variant], per: int, by_layer: bool) -> Iterator[list[Variant]]:
+    if not by_layer:
+        yield from (run[i : i + per] for i in range(0, len(run), per))
+        return
+    for layer in dict.fromkeys(v[0] for v in run):
+        group = [v for v in run if v[0] == layer]
+        yield from (group[i : i + per] for i in range(0, len(group), per))
+
+
+@torch.no_grad()
+def patch_sweep(
+    model: Model,
+    task_or_pair: TaskBatch | tuple[Tensor, Tensor],
+    *,
+    site: str = "resid_pre",
+    by: str = "position",
+    direction: str = "denoise",
+    metric: MetricFn | None = None,
+    max_bytes: int | None = None,
+    progress: bool = True,
+    resume: bool = False,
+) -> PatchResult:
+    """Patch every layer x position (x head) of one site and score each patched run.
+
+    Args:
+        model: the model.
+        task_or_pair: a :class:`~mechscope.tasks.base.TaskBatch`, or ``(clean, corrupt)`` token
+            tensors of equal shape (then ``metric`` is required).
+        site: ``resid_pre``, ``resid_mid``, ``attn_out``, ``mlp_out`` or ``heads``
+            (:data:`PatchSite`; a plain ``str`` so that a wrong one gets a HookNameError).
+        by: ``position`` or ``all`` (every position at once).
+        direction: ``denoise`` (clean activation into the corrupt run) or ``noise``.
+        metric: ``logits [batch, pos, vocab] -> scalar``, reported raw for every patched run;
+            None: the task's logit difference at ``answer_pos``, normalised (0 = the unpatched
+            run, 1 = the other run), as :func:`mechscope.metrics.normalised_patching`.
+        max_bytes: memory budget of one chunk of variants.
+        progress: a progress bar on stderr.
+        resume: start each variant at its patched layer (see the module docstring).
+
+    Returns:
+        A :class:`PatchResult`: scores ``[layer, pos]``, ``[layer, pos, head]``, ``[layer, head]``
+        or ``[layer]``.
+
+    Raises:
+        InputError: clean/corrupt shapes differ, no metric for a token pair, a budget too small
+            for one variant, a clean-corrupt gap too small to normalise.
+        HookNameError: a site the sweep does not patch, or the model lacks (an MLP site on an
+            attention-only model).
+    """
+    cfg = SweepConfig(site=site, by=by, direction=direction, max_bytes=max_bytes,
+                      resume=resume, progress=progress)  # fmt: skip
+    clean, corrupt = _pair(task_or_pair)
+    task = task_or_pair if isinstance(task_or_pair, TaskBatch) else None
+    if task is None and metric is None:
+        raise InputError("a (clean, corrupt) token pair has no answers: pass metric=fn(logits) "
+                         "-> scalar, or give a TaskBatch")  # fmt: skip
+    n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
+    b, n_pos = clean.shape
+    check_site_on_model(model, cfg.site, range(n_layers))
+    if n_pos > int(model.cfg.n_ctx):
+        raise InputError(f"prompts of {n_pos} tokens exceed the model's context of "
+                         f"{model.cfg.n_ctx}")  # fmt: skip
+    per = plan_chunk(model, cfg, b, n_pos)
+
+    device = next(model.parameters()).device
+    clean, corrupt = clean.to(device), corrupt.to(device)
+    sites = (cfg.site, "resid_pre") if cfg.resume and cfg.site != "resid_pre" else (cfg.site,)
+    clean_logits, clean_act = _trace(model, clean, sites)
+    corrupt_logits, corrupt_act = _trace(model, corrupt, sites)
+    denoise = cfg.direction == "denoise"
+    tokens, source, target = (corrupt, clean_act, corrupt_act) if denoise else (clean, corrupt_act, clean_act)
+
+    if task is not None:
+        rows = (task.answer.to(device), task.corrupt_answer.to(device), task.answer_pos.to(device))
+        def ld(logits: Tensor) -> Tensor:  # [k*B] -> per-row logit differences
+            k = logits.shape[0] // b
+            return logit_diff(logits, *(r.repeat(k) for r in rows))
+        probs = [float(answer_prob(lg, rows[0], rows[2]).mean()) for lg in (clean_logits, corrupt_logits)]
+    raw: Callable[[Tensor], Tensor]
+    if metric is None:
+        assert task is not None
+        raw = lambda lg: ld(lg).view(-1, b).mean(1)  # noqa: E731
+        name = DEFAULT_METRIC
+    else:
+        user = metric
+        raw = lambda lg: torch.stack([user(part).float() for part in lg.split(b)])  # noqa: E731
+        name = getattr(metric, "__name__", "metric")
+    m_clean, m_corrupt = float(raw(clean_logits)[0]), float(raw(corrupt_logits)[0])
+    unpatched = m_corrupt if denoise else m_clean
+    del clean_logits, corrupt_logits
+
+    variants = _variants(cfg, n_layers, n_pos, n_heads)
+    after = int(task.answer_pos.max()) if task is not None and metric is None else n_pos
+    differs = {ly: _differs(source[f"{cfg.site}.{ly}"], target[f"{cfg.site}.{ly}"], cfg.by)
+               for ly in range(n_layers)}  # fmt: skip
+
+    def needed(v: Variant) -> bool:
+        ly, pos, head = v
+        if pos is not None and pos > after:
+            return False
+        d = differs[ly] if pos is None else differs[ly][pos]
+        return bool(d if head is None else d[head])
+
+    run = [v for v in variants if needed(v)]
+    values: dict[Variant, float] = {}
+    forwards = rows_run = 0
+    bar = tqdm(total=len(run), desc=f"patch {cfg.site}", file=sys.stderr,
+               disable=not cfg.progress, leave=False)  # fmt: skip
+    try:
+        for chunk in _chunks(run, per, cfg.resume):
+            k = len(chunk)
+            with intervene(model, _specs(cfg.site, chunk, source, n_pos)):
+                if cfg.resume:
+                    resid = target[f"resid_pre.{chunk[0][0]}"]
+                    logits = model(resid.repeat(k, 1, 1), start_at_layer=chunk[0][0])
+                else:
+                    logits = model(tokens.repeat(k, 1))
+            vals = raw(logits).tolist()
+            del logits
+            values.update(zip(chunk, vals, strict=True))
+            forwards, rows_run = forwards + 1, rows_run + k * b
+            bar.update(k)
+    finally:
+        bar.close()
+
+    axes, shape = _grid(cfg, n_layers, n_pos, n_heads)
+    grid = torch.tensor([values.get(v, unpatched) for v in variants], dtype=torch.float32)
+    scores = grid.view(shape)
+    if metric is None:
+        scores = torch.as_tensor(normalised_patching(scores, m_clean, m_corrupt,
+                                                          cast(Direction, cfg.direction)))
+    u = len(variants)
+    work = {"patches": u, "run": len(run), "skipped": u - len(run), "forwards": forwards + 2,
+            "rows": rows_run + 2 * b, "chunk_variants": per,
+            "flops_vs_naive": (len(run) + 2) / (u + 1)}  # fmt: skip
+    return PatchResult(
+        provenance=Provenance.of(model, {**asdict(cfg), "metric": name}),
+        scores=scores, axes=axes, tokens=_labels(model, clean[0]), site=cfg.site,
+        direction=cfg.direction, metric=name, normalised=metric is None, metric_clean=m_clean,
+        metric_corrupt=m_corrupt, n_patches=u, n_skipped=u - len(run),
+        prob_clean=probs[0] if task is not None else None,
+        prob_corrupt=probs[1] if task is not None else None, work=work,
+    )  # fmt: skip
+
+
+def _labels(model: Model, tokens: Int[Tensor, " pos"]) -> tuple[str, ...]:
+    tok = getattr(model, "tokenizer", None)
+    ids = [int(t) for t in tokens]
+    if tok is None:
+        return tuple(str(i) for i in ids)
+    try:
+        return tuple(str(tok.decode([i])) for i in ids)
+    except Exception:  # noqa: BLE001  (a tokenizer that cannot decode an id: show the id)
+        return tuple(str(i) for i in ids)
+
+
+def naive_flops_ratio(result: PatchResult) -> float:
+    """Forwards run (patched and the two source runs) per forward of the naive one-per-patch
+    loop; every forward here covers all layers (``resume`` does not skip any yet)."""
+    return float(result.work.get("flops_vs_naive", math.nan))
+
+
+__all__ = ["PATCH_SITES", "PatchResult", "PatchSite", "SweepConfig", "naive_flops_ratio",
+           "patch_sweep", "plan_chunk"]  # fmt: skip
