@@ -37,6 +37,7 @@ LITERAL_HOOKS = {
     "ffn": "blocks.{l}.mlp.hook_post",
     "resid_pre": "blocks.{l}.hook_resid_pre",
     "resid": "blocks.{l}.hook_resid_post",
+    "resid_mid": "blocks.{l}.hook_resid_mid",
     "attn_out": "blocks.{l}.hook_attn_out",
     "mlp_out": "blocks.{l}.hook_mlp_out",
 }
@@ -59,9 +60,16 @@ def test_every_site_matches_run_with_cache(tiny):
 
 
 def test_residual_stream_adds_up(tiny):
-    """resid_pre(l+1) == resid(l), and resid(l) == resid_pre(l) + attn_out(l) + mlp_out(l)."""
-    tr = trace(tiny, _tokens(), sites=("resid_pre", "resid", "attn_out", "mlp_out"), progress=False)
+    """resid_pre(l+1) == resid(l), resid_mid(l) == resid_pre(l) + attn_out(l), and
+    resid(l) == resid_mid(l) + mlp_out(l)."""
+    tr = trace(tiny, _tokens(), sites=("resid_pre", "resid_mid", "resid", "attn_out", "mlp_out"),
+               progress=False)
     torch.testing.assert_close(tr.resid_pre(1), tr.resid(0))
+    for layer in range(2):
+        torch.testing.assert_close(tr.resid_pre(layer) + tr.attn_out(layer), tr.get("resid_mid", layer),
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(tr.get("resid_mid", layer) + tr.mlp_out(layer), tr.resid(layer),
+                                   atol=1e-5, rtol=1e-5)
     assert not torch.allclose(tr.resid_pre(0), tr.resid(0))
     for layer in range(2):
         torch.testing.assert_close(

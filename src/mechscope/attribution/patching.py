@@ -39,8 +39,8 @@ TransformerLens 4.3, and the engine must equal the oracle.
 >>> clean, corrupt = torch.tensor([[1, 2, 3, 4]]), torch.tensor([[1, 2, 5, 4]])
 >>> metric = lambda logits: logits[:, -1, 0].mean()
 >>> r = patch_sweep(model, (clean, corrupt), metric=metric, progress=False)
->>> r.scores.shape, r.n_skipped  # positions 0 and 1 agree: 2 no-ops at each of 2 layers
-(torch.Size([2, 4]), 4)
+>>> r.scores.shape, r.n_skipped  # bit-identical activations: positions 0-1 at both layers, 3 at layer 0
+(torch.Size([2, 4]), 5)
 """
 
 from __future__ import annotations
