@@ -118,6 +118,107 @@ def trace_cmd(
     _emit(result, as_json, human)
 
 
+def _patch_tokens(model: Any, text: str | None, ids: str | None, which: str) -> list[int]:
+    if (text is None) == (ids is None):
+        raise MechscopeError(f"give either --{which} TEXT or --{which}-tokens IDS (exactly one)")
+    if ids is not None:
+        return list(_ints(ids, f"{which}-tokens") or ())
+    if model.tokenizer is None:
+        raise MechscopeError(f"this model has no tokenizer, so --{which} TEXT cannot be read; "
+                             f"pass token ids with --{which}-tokens 1,2,3")
+    from mechscope.probes.tokens import tokenize
+
+    assert text is not None
+    tokens, _ = tokenize(model, [text])
+    return [int(t) for t in tokens[0]]
+
+
+def _single_token(model: Any, text: str, what: str) -> int:
+    from mechscope.tasks._text import single_token
+
+    if model.tokenizer is None:
+        try:
+            return int(text)
+        except ValueError:
+            raise MechscopeError(f"this model has no tokenizer: give --{what} as a token id") from None
+    tok = single_token(model.tokenizer, text)
+    if tok is None:
+        raise MechscopeError(f"--{what} {text!r} is not a single token; pass one token (often "
+                             "with a leading space, e.g. ' Mary')")
+    return tok
+
+
+@app.command("patch")
+def patch_cmd(
+    spec: Annotated[str, typer.Argument(help="Model spec: smollm2, zoo:NAME, native:..., a path.")],
+    clean: Annotated[str | None, typer.Option("--clean", help="Clean prompt text.")] = None,
+    corrupt: Annotated[str | None, typer.Option("--corrupt", help="Corrupt prompt text.")] = None,
+    clean_tokens: Annotated[str | None, typer.Option(
+        "--clean-tokens", help="Clean token ids, comma-separated (models without a tokenizer).")] = None,
+    corrupt_tokens: Annotated[str | None, typer.Option(
+        "--corrupt-tokens", help="Corrupt token ids, comma-separated.")] = None,
+    site: Annotated[str, typer.Option(help="resid_pre, resid_mid, attn_out, mlp_out or heads.")] = "resid_pre",
+    by: Annotated[str, typer.Option(help="position or all.")] = "position",
+    direction: Annotated[str, typer.Option(help="denoise (clean into corrupt) or noise.")] = "denoise",
+    answer: Annotated[str | None, typer.Option(
+        help="The clean answer (one token; default: the clean run's top-1).")] = None,
+    wrong: Annotated[str | None, typer.Option(
+        help="The corrupt answer (one token; default: the corrupt run's top-1).")] = None,
+    method: Annotated[str, typer.Option(help="exact (patch_sweep) or attribution (estimate).")] = "exact",
+    store: Annotated[Path | None, typer.Option("--store", help="Save the result in this store.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Activation patching of one clean/corrupt prompt pair (exact, or the attribution estimate)."""
+    import torch
+
+    from mechscope.attribution import patch_sweep
+    from mechscope.attribution.attrib_patch import attribution_patch, scores_payload
+    from mechscope.models import load
+    from mechscope.tasks.base import TaskBatch
+
+    if method not in ("exact", "attribution"):
+        raise MechscopeError(f"--method must be exact or attribution, got {method!r}")
+    model = load(spec)
+    ids_c = _patch_tokens(model, clean, clean_tokens, "clean")
+    ids_k = _patch_tokens(model, corrupt, corrupt_tokens, "corrupt")
+    if len(ids_c) != len(ids_k):
+        raise MechscopeError(f"clean has {len(ids_c)} tokens but corrupt has {len(ids_k)}; "
+                             "patching needs equal lengths: reword one prompt (or pass token ids)")
+    if not ids_c:
+        raise MechscopeError("empty prompts: give at least one token")
+    pair = torch.tensor([ids_c]), torch.tensor([ids_k])
+    if answer is None or wrong is None:
+        from mechscope.probes import Tracer
+
+        with Tracer(model, sites=("resid_pre",), layers=(0,), batch_size=1) as tracer:
+            tops = [int(tracer.forward(t)[0][0, -1].argmax()) for t in pair]
+    a = _single_token(model, answer, "answer") if answer is not None else tops[0]
+    w = _single_token(model, wrong, "wrong") if wrong is not None else tops[1]
+    if a == w:
+        raise MechscopeError(f"the answer and the wrong answer are the same token ({a}): the "
+                             "corruption doesn't change the prediction; pass --answer/--wrong")
+    n = len(ids_c)
+    task = TaskBatch(task="cli", clean=pair[0], corrupt=pair[1], answer=torch.tensor([a]),
+                     corrupt_answer=torch.tensor([w]), answer_pos=torch.tensor([n - 1]), seed=0)
+    if method == "exact":
+        result = patch_sweep(model, task, site=site, by=by, direction=direction, progress=False)
+    else:
+        result = attribution_patch(model, task, site=site, by=by, direction=direction)
+    obj = {**scores_payload(result), "by": by, "answer": a, "wrong": w, "run_id": None}
+    if store is not None:
+        from mechscope.store import Store
+
+        obj["run_id"] = result.save(Store(store))
+    frame = result.to_frame()
+    top = frame.reindex(frame["score"].abs().sort_values(ascending=False).index).head(10)
+    human = "\n".join(
+        [f"{method} {site} {direction} by {by}: metric clean {result.metric_clean:.3f}, "
+         f"corrupt {result.metric_corrupt:.3f}; {result.n_skipped} of {result.n_patches} skipped"]
+        + [top.to_string(index=False, float_format=lambda x: f"{x:.3f}")]
+        + ([f"run {obj['run_id']} saved to {store}"] if store is not None else []))
+    _emit(obj, as_json, human)
+
+
 def _usable_store_dir(path: Path) -> bool:
     """True when ``mechscope demo --store path`` can write there: a writable folder, or a missing
     one whose nearest existing parent is a writable folder."""

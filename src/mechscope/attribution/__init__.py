@@ -3,6 +3,11 @@
 >>> from mechscope.attribution import patch_sweep, PatchResult
 """
 
+from mechscope.attribution.attrib_patch import (
+    AttributionPatchResult,
+    attribution_patch,
+    rank_agreement,
+)
 from mechscope.attribution.patching import (
     PATCH_SITES,
     PatchSite,
@@ -13,5 +18,6 @@ from mechscope.attribution.patching import (
 )
 from mechscope.attribution.result import PatchResult
 
-__all__ = ["PATCH_SITES", "PatchResult", "PatchSite", "SweepConfig", "naive_flops_ratio",
-           "patch_sweep", "plan_chunk"]  # fmt: skip
+__all__ = ["PATCH_SITES", "AttributionPatchResult", "PatchResult", "PatchSite", "SweepConfig",
+           "attribution_patch", "naive_flops_ratio", "patch_sweep", "plan_chunk",
+           "rank_agreement"]  # fmt: skip
