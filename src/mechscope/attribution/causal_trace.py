@@ -1,0 +1,514 @@
+"""Causal tracing (ROME): which hidden states, MLPs or attention layers carry a fact.
+
+Method (Meng et al. 2022, "Locating and Editing Factual Associations in GPT", code kmeng01/rome,
+``experiments/causal_trace.py``; METHODS.md §1). One prompt, a subject span, an answer token:
+
+1. clean run: ``p_clean = p(target)`` at the last position;
+2. corrupted run: ``samples = N`` copies of the prompt with Gaussian noise ``nu * eps`` added to
+   the *token* embeddings (``hook_embed``: before positional embeddings; on rotary models the
+   whole input) of the subject positions, ``nu = noise * sigma``; ``p_corrupt`` = the mean over
+   the N rows. The noise is drawn once from ``subject_noise(N, n_subject, d_model, seed=seed)``
+   (ROME's layout: the k-th subject token gets sample k), so every restore below sees the same
+   noise (common random numbers);
+3. for every token ``t`` and layer ``l``, restore the clean value into the N noisy rows and
+   re-measure: ``kind="hidden"`` restores the block output (``resid`` = ``hook_resid_post``) at
+   ``(t, l)``; ``"mlp"``/``"attn"`` restore ``mlp_out``/``attn_out`` at ``t`` in the layers
+   :func:`window_layers` (ROME: ``l-5 .. l+4`` for ``window=10``, clipped to the model).
+   Indirect effect ``IE = p_patched - p_corrupt``, total effect ``TE = p_clean - p_corrupt``.
+4. ``severed="mlp"`` (or ``"attn"``; hidden only) restores the hidden state at ``(t, l)`` while
+   the MLP (attention) outputs of every layer above ``l``, at every position, are frozen at their
+   corrupted values (ROME freezes all layers; those at or below ``l`` are corrupted anyway or
+   overwritten by the restore, so this is the same). What is left is the restored state's effect
+   that does not go through later MLPs (attention).
+
+Batching: V (token, layer) variants x N noisy rows run in one forward (V*N rows, chunked under
+the memory budget), one :class:`~mechscope.probes.Apply` per (site, layer) whose mask selects each
+variant's own rows, through :func:`~mechscope.probes.intervene`; the noise is one writer on
+``hook_embed`` through :func:`~mechscope.probes.hooks.hooked`. A restore that writes values equal
+bit for bit to the corrupted ones (positions before the subject) is an exact no-op: its score is
+``p_corrupt`` and it is counted in ``n_skipped``. Probabilities are averaged in float64.
+
+``sigma`` (default): the std of all entries of the token-embedding matrix ``W_E``, the same for
+every prompt of a model. ROME uses the std of the token embeddings of its dataset's subjects:
+compute that with :func:`subject_embedding_std` and pass ``sigma=``.
+
+Caveats: one prompt, one answer token; IE depends on ``noise``/``sigma`` (too little noise leaves
+nothing to restore, ``TE`` small); with ``samples`` small the corrupted run is a noisy estimate.
+
+>>> import torch
+>>> from mechscope.models import load
+>>> model = load("native:n_layers=2,d_model=16,n_heads=2,d_head=8,d_mlp=32,d_vocab=11,n_ctx=8")
+>>> r = causal_trace(model, [1, 2, 3, 4, 5], (1, 3), samples=3, progress=False)
+>>> r.scores.shape, r.indirect_effect.shape
+(torch.Size([2, 5]), torch.Size([2, 5]))
+>>> float(causal_trace(model, [1, 2, 3, 4, 5], (1, 3), noise=0.0, progress=False).indirect_effect.abs().max())
+0.0
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm import tqdm
+
+from mechscope.attribution.causal_trace_result import (
+    AggregateTrace,
+    CausalTraceResult,
+    aggregate_traces,
+)
+from mechscope.errors import HookNameError, InputError
+from mechscope.kernels.noise import add_subject_noise, subject_noise
+from mechscope.probes import Apply, Tracer, intervene
+from mechscope.probes import budget as _budget
+from mechscope.probes.hooks import hooked
+from mechscope.probes.interventions import Intervention
+from mechscope.probes.sites import check_site_on_model
+from mechscope.results import Provenance
+from mechscope.types import Model
+
+__all__ = ["AggregateTrace", "CausalTraceConfig", "CausalTraceResult", "Restore", "TraceSetup",
+           "aggregate_traces", "causal_trace", "prepare_trace", "restore_probs",
+           "subject_embedding_std", "window_layers"]  # fmt: skip
+
+KINDS = {"hidden": "resid", "mlp": "mlp_out", "attn": "attn_out"}
+EMBED_HOOK = "hook_embed"
+
+#: One restore of a variant: (site, layer, positions) written from the clean run.
+Restore = tuple[str, int, tuple[int, ...]]
+#: A variant: what is restored from the clean run, and which (site, layer) are frozen (all
+#: positions) at the corrupted run's values.
+Variant = tuple[tuple[Restore, ...], tuple[tuple[str, int], ...]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class CausalTraceConfig:
+    """Options of :func:`causal_trace`.
+
+    Attributes:
+        kind: ``hidden`` (block outputs), ``mlp`` or ``attn`` (outputs, over a window of layers).
+        window: layers restored together for ``mlp``/``attn`` (ROME: 10, i.e. ``l-5 .. l+4``).
+        samples: noisy rows N.
+        noise: the noise multiplier: ``nu = noise * sigma`` (ROME: 3).
+        sigma: the embedding std; None: the std of the whole token-embedding matrix.
+        seed: seed of the noise samples (common random numbers for every restore).
+        severed: None, ``mlp`` or ``attn``: freeze those outputs above the restored layer at
+            their corrupted values (``kind="hidden"`` only).
+        max_bytes: memory budget of one batched forward; None: the tracer's default.
+        progress: a tqdm bar on stderr.
+    """
+
+    kind: str = "hidden"
+    window: int = 10
+    samples: int = 10
+    noise: float = 3.0
+    sigma: float | None = None
+    seed: int = 0
+    severed: str | None = None
+    max_bytes: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise InputError(f"kind must be 'hidden', 'mlp' or 'attn', got {self.kind!r}")
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+            raise InputError(f"window must be a positive int (ROME: 10), got {self.window!r}")
+        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1:
+            raise InputError(f"samples must be a positive int (ROME: 10), got {self.samples!r}")
+        if not (isinstance(self.noise, int | float) and math.isfinite(self.noise) and self.noise >= 0):
+            raise InputError(f"noise must be a finite number >= 0 (ROME: 3), got {self.noise!r}")
+        if self.sigma is not None and not (isinstance(self.sigma, int | float)
+                                           and math.isfinite(self.sigma) and self.sigma > 0):
+            raise InputError(f"sigma must be a positive finite number or None, got {self.sigma!r}")
+        if self.severed not in (None, "mlp", "attn"):
+            raise InputError(f"severed must be None, 'mlp' or 'attn', got {self.severed!r}")
+        if self.severed is not None and self.kind != "hidden":
+            raise InputError(f"severed={self.severed!r} freezes outputs while restoring hidden "
+                             f"states; use kind='hidden' (got kind={self.kind!r})")  # fmt: skip
+        if self.max_bytes is not None and self.max_bytes < 1:
+            raise InputError(f"max_bytes must be a positive number of bytes, got {self.max_bytes}")
+
+
+def window_layers(layer: int, n_layers: int, window: int) -> tuple[int, ...]:
+    """The layers restored together around ``layer`` (ROME's ``l - w//2 .. l + w - w//2 - 1``,
+    clipped to ``0 .. n_layers - 1``).
+
+    >>> window_layers(0, 12, 10), window_layers(7, 12, 10)
+    ((0, 1, 2, 3, 4), (2, 3, 4, 5, 6, 7, 8, 9, 10, 11))
+    """
+    return tuple(range(max(0, layer - window // 2), min(n_layers, layer + window - window // 2)))
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+
+
+def _tokenizer(model: Model, what: str) -> Any:
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+        raise InputError(f"{what} is text but this model has no tokenizer (a native/zoo model); "
+                         "pass token ids and a (start, end) token span instead")  # fmt: skip
+    return tok
+
+
+def _prompt_ids(model: Model, prompt: str | Sequence[int] | Tensor) -> Tensor:
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise InputError("the prompt is empty; give it some text")
+        _tokenizer(model, "the prompt")
+        ids = model.to_tokens(prompt, truncate=False, move_to_device=False)[0]
+    else:
+        ids = torch.as_tensor(prompt if isinstance(prompt, Tensor) else list(prompt))
+        if ids.ndim == 2 and ids.shape[0] == 1:
+            ids = ids[0]
+        if ids.numel() == 0:
+            raise InputError("the prompt has no tokens")
+        if ids.ndim != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise InputError(f"token ids must be an integer [pos] sequence; got {ids.dtype} "
+                             f"{tuple(ids.shape)}")  # fmt: skip
+    ids = ids.long().cpu()
+    if ids.numel() == 0:
+        raise InputError("the prompt has no tokens")
+    n_ctx, vocab = int(model.cfg.n_ctx), int(model.cfg.d_vocab)
+    if ids.numel() > n_ctx:
+        raise InputError(f"the prompt has {ids.numel()} tokens but the model's context is {n_ctx}; "
+                         "shorten it (prompts are never truncated)")  # fmt: skip
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+        raise InputError(f"token ids must lie in 0..{vocab - 1}; got {ids.tolist()}")
+    return ids
+
+
+def _subject_span(model: Model, ids: Tensor, subject: str | tuple[int, int]) -> tuple[int, int]:
+    n = ids.numel()
+    if isinstance(subject, str):
+        if not subject.strip():
+            raise InputError("the subject is empty; give its text or a (start, end) token span")
+        tok = _tokenizer(model, "the subject")
+        pieces = [str(tok.decode([int(i)])) for i in ids]
+        whole = "".join(pieces)
+        at = whole.find(subject)
+        if at < 0:
+            raise InputError(f"subject {subject!r} not found in the prompt's decoded tokens "
+                             f"{whole!r}; check spelling and spaces, or pass a (start, end) "
+                             "token span")  # fmt: skip
+        ends = [sum(len(p) for p in pieces[: k + 1]) for k in range(n)]
+        start = next(k for k in range(n) if ends[k] > at)
+        end = next(k for k in range(n) if ends[k] >= at + len(subject)) + 1
+        return start, end
+    if not (isinstance(subject, tuple | list) and len(subject) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in subject)):
+        raise InputError(f"subject must be its text or a (start, end) token span, got {subject!r}")
+    start, end = int(subject[0]), int(subject[1])
+    if not 0 <= start < end <= n:
+        raise InputError(f"subject span ({start}, {end}) is not a non-empty span inside the "
+                         f"prompt's {n} tokens (0 <= start < end <= {n})")  # fmt: skip
+    return start, end
+
+
+def _target_id(model: Model, target: str | int | None) -> int | None:
+    if target is None:
+        return None
+    if isinstance(target, str):
+        tok = _tokenizer(model, "the target")
+        ids = tok(target, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise InputError(f"target {target!r} is {len(ids)} tokens ({list(ids)}); give one "
+                             "token (often with a leading space, e.g. ' Paris') or its id")  # fmt: skip
+        return int(ids[0])
+    if isinstance(target, bool) or not isinstance(target, int) or not 0 <= target < int(model.cfg.d_vocab):
+        raise InputError(f"target must be one token: text or an id in 0..{int(model.cfg.d_vocab) - 1}, "
+                         f"got {target!r}")  # fmt: skip
+    return int(target)
+
+
+def _embedding_matrix(model: Model) -> Tensor:
+    w = getattr(model, "W_E", None)
+    if not isinstance(w, Tensor):
+        w = model.embed.W_E
+    return w.detach()
+
+
+def subject_embedding_std(model: Model, subjects: Sequence[Sequence[int]]) -> float:
+    """ROME's sigma: the std of every entry of the token embeddings of the given subjects' tokens.
+
+    >>> from mechscope.models import load
+    >>> m = load("native:n_layers=1,d_model=16,n_heads=2,d_head=8,d_mlp=32,d_vocab=11,n_ctx=8")
+    >>> subject_embedding_std(m, [[1, 2], [3]]) > 0
+    True
+    """
+    ids = [int(i) for s in subjects for i in s]
+    if not ids:
+        raise InputError("no subject tokens given; pass lists of token ids, one per subject")
+    return float(_embedding_matrix(model)[torch.tensor(ids)].float().std())
+
+
+# ---------------------------------------------------------------------------------------------
+# the traced runs
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class TraceSetup:
+    """Everything :func:`restore_probs` needs: the prompt, noise, and the two traced runs.
+
+    ``clean[key]`` is ``[1, pos, d_model]``, ``corrupt[key]`` ``[N, pos, d_model]`` for keys
+    ``"<site>.<layer>"`` of ``resid``, ``attn_out`` and (models with MLPs) ``mlp_out``.
+    """
+
+    tokens: Int[Tensor, " pos"]
+    span: tuple[int, int]
+    target: int
+    sigma: float
+    nu: float
+    noise: Float[Tensor, "samples n_subject d_model"]
+    clean: dict[str, Tensor]
+    corrupt: dict[str, Tensor]
+    p_clean: float
+    p_corrupt: float
+
+    @property
+    def samples(self) -> int:
+        return int(self.noise.shape[0])
+
+    def mask(self) -> Tensor:
+        m = torch.zeros(self.tokens.numel(), dtype=torch.bool)
+        m[self.span[0] : self.span[1]] = True
+        return m
+
+
+def _noise_writer(setup: TraceSetup, first_clean: bool) -> Callable[..., Tensor]:
+    """``hook_embed`` writer: noise on the subject positions of every row (but row 0 when
+    ``first_clean``); the rows are groups of N, row r of a group gets sample r."""
+
+    def fn(act: Tensor, hook: Any) -> Tensor:
+        n = setup.samples
+        rows = act[1:] if first_clean else act
+        noise = setup.noise.to(act.device).repeat(rows.shape[0] // n, 1, 1)
+        noisy = add_subject_noise(rows, noise, setup.mask().to(act.device), setup.nu)
+        return torch.cat([act[:1], noisy]) if first_clean else noisy
+
+    return fn
+
+
+def _probs(logits: Tensor, target: int) -> Tensor:
+    return torch.softmax(logits[:, -1].float(), dim=-1)[:, target].double()
+
+
+@torch.no_grad()
+def prepare_trace(model: Model, prompt: str | Sequence[int] | Tensor, subject: str | tuple[int, int],
+                  *, target: str | int | None = None, config: CausalTraceConfig | None = None) -> TraceSetup:
+    """Check the inputs and run the clean + N noisy rows once (one forward), traced."""
+    cfg = config or CausalTraceConfig()
+    ids = _prompt_ids(model, prompt)
+    span = _subject_span(model, ids, subject)
+    tgt = _target_id(model, target)
+    if cfg.kind == "mlp" or cfg.severed == "mlp":
+        check_site_on_model(model, "mlp_out", range(int(model.cfg.n_layers)))
+    try:
+        model.hook_dict[EMBED_HOOK]
+    except KeyError:
+        raise HookNameError(f"the model has no {EMBED_HOOK!r} hook (the token embedding); "
+                            "causal tracing needs it") from None  # fmt: skip
+    sigma = float(cfg.sigma) if cfg.sigma is not None else float(_embedding_matrix(model).float().std())
+    n, d = cfg.samples, int(model.cfg.d_model)
+    noise = subject_noise(n, span[1] - span[0], d, seed=cfg.seed)
+    sites = ("resid", "attn_out") if getattr(model.cfg, "attn_only", False) else ("resid", "attn_out", "mlp_out")
+    device = next(model.parameters()).device
+    setup = TraceSetup(tokens=ids, span=span, target=-1, sigma=sigma, nu=cfg.noise * sigma,
+                       noise=noise, clean={}, corrupt={}, p_clean=0.0, p_corrupt=0.0)  # fmt: skip
+    rows = ids[None].repeat(n + 1, 1).to(device)
+    with hooked(model, [(EMBED_HOOK, _noise_writer(setup, first_clean=True))]), \
+            Tracer(model, sites=sites, batch_size=n + 1) as tracer:
+        logits, trace = tracer.forward(rows)
+    target_id = int(logits[0, -1].argmax()) if tgt is None else tgt
+    p = _probs(logits, target_id)
+    clean, corrupt = {}, {}
+    for s in sites:
+        for ly in range(int(model.cfg.n_layers)):
+            act = trace.get(s, ly).to(device)
+            clean[f"{s}.{ly}"], corrupt[f"{s}.{ly}"] = act[:1], act[1:]
+    return TraceSetup(tokens=ids, span=span, target=target_id, sigma=sigma, nu=cfg.noise * sigma,
+                      noise=noise, clean=clean, corrupt=corrupt, p_clean=float(p[0]),
+                      p_corrupt=float(p[1:].mean()))  # fmt: skip
+
+
+def _restore_writer(masks: list[tuple[Tensor, Tensor]], n: int) -> Callable[[Tensor], Tensor]:
+    def fn(act: Tensor) -> Tensor:
+        view = act.reshape(-1, n, *act.shape[1:])  # [V, N, pos, d]
+        for mask, src in masks:
+            view = torch.where(mask, src.to(act.dtype)[None], view)
+        return view.reshape(act.shape)
+
+    return fn
+
+
+def _specs(setup: TraceSetup, chunk: Sequence[Variant]) -> list[Intervention]:
+    n_pos, v = setup.tokens.numel(), len(chunk)
+    groups: dict[tuple[str, int], list[tuple[Tensor, Tensor]]] = {}
+    restores: dict[tuple[str, int], Tensor] = {}
+    freezes: dict[tuple[str, int], Tensor] = {}
+    for j, (rest, frozen) in enumerate(chunk):
+        for site, layer, positions in rest:
+            m = restores.setdefault((site, layer), torch.zeros(v, 1, n_pos, 1, dtype=torch.bool))
+            m[j, 0, list(positions)] = True
+        for site, layer in frozen:
+            freezes.setdefault((site, layer), torch.zeros(v, 1, n_pos, 1, dtype=torch.bool))[j] = True
+    for key, m in restores.items():
+        src = setup.clean[f"{key[0]}.{key[1]}"]
+        groups.setdefault(key, []).append((m.to(src.device), src))
+    for key, m in freezes.items():
+        src = setup.corrupt[f"{key[0]}.{key[1]}"]
+        groups.setdefault(key, []).append((m.to(src.device), src))
+    return [Apply(site=s, layer=ly, fn=_restore_writer(masks, setup.samples))
+            for (s, ly), masks in groups.items()]  # fmt: skip
+
+
+def _is_noop(setup: TraceSetup, variant: Variant) -> bool:
+    for site, layer, positions in variant[0]:
+        key, idx = f"{site}.{layer}", list(positions)
+        if not torch.equal(setup.clean[key][:, idx].expand_as(setup.corrupt[key][:, idx]),
+                           setup.corrupt[key][:, idx]):
+            return False
+    return True
+
+
+def _rows_per_forward(model: Model, n_pos: int, max_bytes: int | None) -> int:
+    c = model.cfg
+    d_mlp = 0 if getattr(c, "attn_only", False) else int(getattr(c, "d_mlp", None) or 4 * int(c.d_model))
+    per_row = 4 * n_pos * (int(c.d_vocab) + 2 * int(c.n_heads) * n_pos + 8 * int(c.d_model) + 2 * d_mlp)
+    budget = _budget.max_bytes(max_bytes)
+    if budget < per_row:
+        raise InputError(f"the memory budget of {_budget.human(budget)} is too small for one row of "
+                         f"{n_pos} tokens (~{_budget.human(per_row)}); raise max_bytes "
+                         f"(or {_budget.ENV_VAR}=16G)")  # fmt: skip
+    return max(1, budget // per_row)
+
+
+@torch.no_grad()
+def restore_probs(model: Model, setup: TraceSetup, variants: Sequence[Variant], *,
+                  max_bytes: int | None = None, progress: bool = False,
+                  skip_noops: bool = True) -> tuple[list[float], dict[str, int]]:
+    """Mean ``p(target)`` over the N noisy rows for each variant, batched (V*N rows a forward).
+
+    A variant is ``(restores, frozen)``: ``restores`` are ``(site, layer, positions)`` written
+    from the clean run, ``frozen`` are ``(site, layer)`` held (all positions) at the corrupted
+    run's values. Returns the probabilities and the work done (forwards, rows, skipped).
+    """
+    n = setup.samples
+    per = max(1, _rows_per_forward(model, setup.tokens.numel(), max_bytes) // n)
+    run = [i for i, v in enumerate(variants) if not (skip_noops and _is_noop(setup, v))]
+    out = [setup.p_corrupt] * len(variants)
+    device = next(model.parameters()).device
+    tokens = setup.tokens.to(device)
+    forwards = rows = 0
+    bar = tqdm(total=len(run), desc="causal trace", file=sys.stderr, disable=not progress, leave=False)
+    try:
+        for at in range(0, len(run), per):
+            idx = run[at : at + per]
+            with hooked(model, [(EMBED_HOOK, _noise_writer(setup, first_clean=False))]), \
+                    intervene(model, _specs(setup, [variants[i] for i in idx])):
+                logits = model(tokens[None].repeat(len(idx) * n, 1))
+            p = _probs(logits, setup.target).view(len(idx), n).mean(1).tolist()
+            del logits
+            for i, value in zip(idx, p, strict=True):
+                out[i] = value
+            forwards, rows = forwards + 1, rows + len(idx) * n
+            bar.update(len(idx))
+    finally:
+        bar.close()
+    return out, {"variants": len(variants), "run": len(run), "skipped": len(variants) - len(run),
+                 "forwards": forwards + 1, "rows": rows + n + 1, "chunk_variants": per}  # fmt: skip
+
+
+def grid_variants(cfg: CausalTraceConfig, n_layers: int, n_pos: int) -> list[Variant]:
+    """The (layer, token) variants of a trace, layer-major (``[layer, pos]`` order)."""
+    site = KINDS[cfg.kind]
+    out: list[Variant] = []
+    for layer in range(n_layers):
+        for t in range(n_pos):
+            if cfg.kind == "hidden":
+                rest: tuple[Restore, ...] = ((site, layer, (t,)),)
+            else:
+                rest = tuple((site, ly, (t,)) for ly in window_layers(layer, n_layers, cfg.window))
+            frozen = (tuple((KINDS[cfg.severed], ly) for ly in range(layer + 1, n_layers))
+                      if cfg.severed else ())  # fmt: skip
+            out.append((rest, frozen))
+    return out
+
+
+def causal_trace(
+    model: Model,
+    prompt: str | Sequence[int] | Tensor,
+    subject: str | tuple[int, int],
+    *,
+    target: str | int | None = None,
+    kind: str = "hidden",
+    window: int = 10,
+    samples: int = 10,
+    noise: float = 3.0,
+    sigma: float | None = None,
+    seed: int = 0,
+    severed: str | None = None,
+    max_bytes: int | None = None,
+    progress: bool = True,
+) -> CausalTraceResult:
+    """ROME causal tracing of one prompt: ``p(target)`` with each (layer, token) restored.
+
+    Args:
+        model: the model.
+        prompt: text (needs a tokenizer; BOS prepended as the model does) or token ids.
+        subject: the subject's text (a substring of the prompt) or a ``(start, end)`` token span.
+        target: the answer token (text of one token, or an id); None: the clean top-1.
+        kind: ``hidden``, ``mlp`` or ``attn``.
+        window: layers restored together for ``mlp``/``attn`` (:func:`window_layers`).
+        samples: noisy rows N.
+        noise: ``nu = noise * sigma``.
+        sigma: embedding std (default: the std of the token-embedding matrix).
+        seed: seed of the noise (the same samples for every restore).
+        severed: None, ``mlp`` or ``attn`` (see the module docstring; ``kind="hidden"`` only).
+        max_bytes: memory budget of one batched forward.
+        progress: a progress bar on stderr.
+
+    Returns:
+        A :class:`CausalTraceResult` with ``scores[layer, pos]`` = ``p_patched``.
+
+    Raises:
+        InputError: empty or too long prompt, subject not in the prompt, target not one token,
+            bad options. HookNameError: ``mlp`` on an attention-only model.
+
+    >>> from mechscope.models import load
+    >>> m = load("native:n_layers=2,d_model=16,n_heads=2,d_head=8,d_mlp=32,d_vocab=11,n_ctx=8")
+    >>> causal_trace(m, [1, 2, 3, 4], (1, 2), kind="mlp", samples=2, progress=False).scores.shape
+    torch.Size([2, 4])
+    """
+    cfg = CausalTraceConfig(kind=kind, window=window, samples=samples, noise=noise, sigma=sigma,
+                            seed=seed, severed=severed, max_bytes=max_bytes, progress=progress)  # fmt: skip
+    setup = prepare_trace(model, prompt, subject, target=target, config=cfg)
+    n_layers, n_pos = int(model.cfg.n_layers), setup.tokens.numel()
+    probs, work = restore_probs(model, setup, grid_variants(cfg, n_layers, n_pos),
+                                max_bytes=cfg.max_bytes, progress=cfg.progress)  # fmt: skip
+    scores = torch.tensor(probs, dtype=torch.float64).view(n_layers, n_pos)
+    tokens = _labels(model, setup.tokens)
+    return CausalTraceResult(
+        provenance=Provenance.of(model, asdict(cfg), seed=seed), scores=scores, tokens=tokens,
+        token_ids=tuple(int(i) for i in setup.tokens), subject=setup.span, target=setup.target,
+        target_token=_labels(model, torch.tensor([setup.target]))[0], p_clean=setup.p_clean,
+        p_corrupt=setup.p_corrupt, trace_kind=cfg.kind, window=cfg.window, samples=cfg.samples,
+        noise=float(cfg.noise), sigma=setup.sigma, severed=cfg.severed, n_skipped=work["skipped"],
+        work=work,
+    )  # fmt: skip
+
+
+def _labels(model: Model, ids: Tensor) -> tuple[str, ...]:
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+        return tuple(str(int(i)) for i in ids)
+    try:
+        return tuple(str(tok.decode([int(i)])) for i in ids)
+    except Exception:  # noqa: BLE001  (a tokenizer that cannot decode an id: show the id)
+        return tuple(str(int(i)) for i in ids)
