@@ -232,3 +232,15 @@ def test_kv_heads_of_a_grouped_query_model_are_addressed_by_kv_index():
     # query heads 2 and 3 read kv head 1 (repeat_interleave grouping): their outputs vanish
     assert float(tr.heads(0)[:, :, 2:].abs().max()) == 0.0
     assert float(tr.heads(0)[:, :, :2].abs().max()) > 0.0
+
+
+def test_writing_resid_mid_changes_only_the_mlp_input_on_the_bridge(tiny):
+    """Documented in probes.sites: the skip connection around the MLP carries the unpatched value."""
+    tokens, _ = _pair()
+    sites = ("resid_mid", "mlp_out", "resid")
+    base = trace(tiny, tokens, sites=sites, layers=(0,), progress=False)
+    with intervene(tiny, AddVector(site="resid_mid", layer=0, vector=torch.ones(32))):
+        got = trace(tiny, tokens, sites=sites, layers=(0,), progress=False)
+    torch.testing.assert_close(got.get("resid_mid", 0), base.get("resid_mid", 0) + 1.0)
+    assert not torch.allclose(got.mlp_out(0), base.mlp_out(0))
+    torch.testing.assert_close(got.resid(0), base.get("resid_mid", 0) + got.mlp_out(0))

@@ -39,6 +39,13 @@ Notes on the attention sites:
   bridge's generic attention (native/zoo models) TransformerLens fires ``hook_attn_scores`` with
   the post-softmax pattern, so the tracer refuses the site there.
 
+Writing ``resid_mid`` (an intervention, or patching it) changes only what the MLP reads: on the
+TransformerLens 4.3 bridge ``hook_resid_mid`` is the input of the second LayerNorm
+(``ln2.hook_in``), and the skip connection around the MLP carries the unpatched value, so after
+the block ``resid == resid_mid (unpatched) + mlp_out (of the patched input)``. TransformerLens's
+own ``patching.get_act_patch_resid_mid`` on the bridge does the same. To change the residual
+stream itself, write ``attn_out`` (same layer) or ``resid_pre`` of the next layer.
+
 A captured tensor is stored under its *key* ``"<site>.<layer>"`` (``"heads.3"``).
 
 >>> hook_for("heads", 3)
