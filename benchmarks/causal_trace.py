@@ -11,6 +11,9 @@ achieved GFLOP/s beside a 2048^3 fp32 matmul measured in this run. One JSON line
 
     python benchmarks/causal_trace.py            # zoo:facts (hidden, mlp) and SmolLM2 (hidden)
     python benchmarks/causal_trace.py --quick    # tiny native model, gate only
+    python benchmarks/causal_trace.py --skip-zoo --smollm2-reps 0   # SmolLM2 gate + one timing
+
+``gate_peer_s``/``gate_ours_s`` are the single (cold) runs of the gate, not a benchmark figure.
 """
 
 from __future__ import annotations
@@ -86,13 +89,17 @@ def case(model, name, tokens, span, target, kind, reps, quick, ceiling, samples=
         return causal_trace(model, tokens, span, target=target, kind=kind, samples=samples,
                             progress=False)  # fmt: skip
 
+    t0 = time.perf_counter()
     got = ours()
+    t_ours = time.perf_counter() - t0
 
     def peer():
         return rome_loop(model, tokens, span, got.target, kind=kind, window=10, samples=samples,
                          nu=got.noise * got.sigma, seed=0)  # fmt: skip
 
+    t0 = time.perf_counter()
     want = peer()
+    t_peer = time.perf_counter() - t0
     err = float((got.scores.double() - want).abs().max())
     tol = 1e-4 * float(want.abs().max()) + 1e-5
     n_layers, n_pos = want.shape
@@ -103,11 +110,12 @@ def case(model, name, tokens, span, target, kind, reps, quick, ceiling, samples=
            "layers": n_layers, "d_model": int(model.cfg.d_model), "p_clean": got.p_clean,
            "p_corrupt": got.p_corrupt, "argmax_layer_pos": list(got.argmax()),
            "forwards_ours": got.work["forwards"], "rows_ours": got.work["rows"],
-           "forwards_peer": u, "rows_peer": u * (samples + 1)}  # fmt: skip
+           "forwards_peer": u, "rows_peer": u * (samples + 1),
+           "gate_peer_s": t_peer, "gate_ours_s": t_ours}  # fmt: skip
     if err > tol:
         print(json.dumps(row), flush=True)
         sys.exit(1)
-    if not quick:
+    if not quick and reps > 0:
         peer(), ours()  # warm-up
         tp, to = [], []
         for _ in range(reps):
@@ -130,6 +138,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--smollm2-reps", type=int, default=5)
     ap.add_argument("--skip-smollm2", action="store_true")
+    ap.add_argument("--skip-zoo", action="store_true")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     if args.quick:
@@ -145,7 +154,7 @@ def main() -> None:
     batch = facts_eval(RECIPES["facts"], 4, seed=0)[-1]
     tokens = batch.clean[0][: int(batch.answer_pos[0]) + 1]
     model = load("zoo:facts")
-    for kind in ("hidden", "mlp"):
+    for kind in () if args.skip_zoo else ("hidden", "mlp"):
         case(model, "zoo:facts", tokens, (1, tokens.numel() - 1), int(batch.answer[0]), kind,
              args.reps, False, ceiling)  # fmt: skip
     if not args.skip_smollm2:

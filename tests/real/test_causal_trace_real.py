@@ -39,6 +39,10 @@ def test_eiffel_tower_hidden_trace(smollm2):
     layer, pos = r.argmax()
     print(f"\np_clean={r.p_clean:.4f} p_corrupt={r.p_corrupt:.4f} argmax: layer {layer}, "
           f"pos {pos} {r.labels()[pos]!r} p={float(r.scores[layer, pos]):.4f}")  # fmt: skip
+    sub = r.scores[:, s:e]
+    ly, k = divmod(int(sub.argmax()), e - s)
+    print(f"best subject cell: layer {ly}, pos {s + k} {r.labels()[s + k]!r} "
+          f"p={float(sub.max()):.4f}")  # fmt: skip
     assert r.n_skipped >= s * r.scores.shape[0]  # positions before the subject are exact no-ops
 
 

@@ -8,6 +8,15 @@ from mechscope.attribution.attrib_patch import (
     attribution_patch,
     rank_agreement,
 )
+from mechscope.attribution.causal_trace import (
+    AggregateTrace,
+    CausalTraceConfig,
+    CausalTraceResult,
+    aggregate_traces,
+    causal_trace,
+    subject_embedding_std,
+    window_layers,
+)
 from mechscope.attribution.patching import (
     PATCH_SITES,
     PatchSite,
@@ -18,6 +27,8 @@ from mechscope.attribution.patching import (
 )
 from mechscope.attribution.result import PatchResult
 
-__all__ = ["PATCH_SITES", "AttributionPatchResult", "PatchResult", "PatchSite", "SweepConfig",
+__all__ = ["PATCH_SITES", "AggregateTrace", "AttributionPatchResult", "CausalTraceConfig",
+           "CausalTraceResult", "aggregate_traces", "causal_trace", "subject_embedding_std",
+           "window_layers", "PatchResult", "PatchSite", "SweepConfig",
            "attribution_patch", "naive_flops_ratio", "patch_sweep", "plan_chunk",
            "rank_agreement"]  # fmt: skip
