@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from _common import _time, forward_flops, matmul_gflops
 from mechscope.attribution.causal_trace import causal_trace, window_layers
 from mechscope.kernels.noise import subject_noise
 from mechscope.models import load
@@ -61,27 +62,6 @@ def rome_loop(model, tokens, span, target, *, kind, window, samples, nu, seed):
             logits = model.run_with_hooks(batch, fwd_hooks=hooks)
             out[layer, t] = torch.softmax(logits[1:, -1].double(), -1)[:, target].mean()
     return out
-
-
-def matmul_gflops() -> float:
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    a @ b
-    return 2 * 2048**3 / min(_time(lambda: a @ b) for _ in range(3)) / 1e9
-
-
-def _time(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def forward_flops(model, rows: int, n_pos: int) -> float:
-    c = model.cfg
-    d, h, dh, L = int(c.d_model), int(c.n_heads), int(c.d_head), int(c.n_layers)
-    kv = int(getattr(c, "n_key_value_heads", None) or h)
-    mlp = 0 if c.attn_only else (3 if getattr(c, "gated_mlp", False) else 2) * d * int(c.d_mlp)
-    per_tok = L * (d * h * dh * 2 + 2 * d * kv * dh + mlp + 2 * h * dh * n_pos) + d * int(c.d_vocab)
-    return 2.0 * rows * n_pos * per_tok
 
 
 def case(model, name, tokens, span, target, kind, reps, quick, ceiling, samples=10) -> dict:

@@ -17,11 +17,11 @@ import argparse
 import json
 import statistics
 import sys
-import time
 
 import torch
 from transformer_lens import patching
 
+from _common import _time, forward_flops, matmul_gflops
 from mechscope.attribution import patch_sweep
 from mechscope.models import load
 from mechscope.tasks.base import TaskBatch
@@ -36,29 +36,6 @@ def _ld(batch: TaskBatch, logits: torch.Tensor) -> torch.Tensor:
     rows = torch.arange(logits.shape[0])
     at = logits[rows, batch.answer_pos]
     return (at[rows, batch.answer] - at[rows, batch.corrupt_answer]).mean()
-
-
-def matmul_gflops() -> float:
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    a @ b
-    best = min(_time(lambda: a @ b) for _ in range(3))
-    return 2 * 2048**3 / best / 1e9
-
-
-def _time(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def forward_flops(model, rows: int, n_pos: int) -> float:
-    """Matmul FLOPs of one forward of ``rows`` x ``n_pos`` tokens (2 * params-in-matmuls + attn)."""
-    c = model.cfg
-    d, h, dh, L = int(c.d_model), int(c.n_heads), int(c.d_head), int(c.n_layers)
-    kv = int(getattr(c, "n_key_value_heads", None) or h)
-    mlp = 0 if c.attn_only else (3 if getattr(c, "gated_mlp", False) else 2) * d * int(c.d_mlp)
-    per_tok = L * (d * h * dh * 2 + 2 * d * kv * dh + mlp + 2 * h * dh * n_pos) + d * int(c.d_vocab)
-    return 2.0 * rows * n_pos * per_tok
 
 
 def case(model, name: str, batch: TaskBatch, site: str, reps: int, quick: bool, ceiling: float) -> dict:

@@ -54,13 +54,12 @@ from mechscope.attribution.patching import (
     SweepConfig,
     _grid,
     _labels,
-    _pair,
+    sweep_inputs,
 )
 from mechscope.attribution.result import PatchResult
 from mechscope.errors import InputError
 from mechscope.metrics import Direction, Metric, answer_prob, logit_diff, normalised_patching
 from mechscope.probes import Tracer
-from mechscope.probes.sites import check_site_on_model
 from mechscope.results import Provenance
 from mechscope.tasks.base import TaskBatch
 from mechscope.types import Model
@@ -138,17 +137,9 @@ def attribution_patch(
     True
     """
     cfg = SweepConfig(site=site, by=by, direction=direction, progress=False)
-    clean, corrupt = _pair(task_or_pair)
-    task = task_or_pair if isinstance(task_or_pair, TaskBatch) else None
-    if task is None and metric is None:
-        raise InputError("a (clean, corrupt) token pair has no answers: pass metric=fn(logits) "
-                         "-> scalar, or give a TaskBatch")  # fmt: skip
+    clean, corrupt, task = sweep_inputs(model, cfg, task_or_pair, metric)
     n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
     b, n_pos = clean.shape
-    check_site_on_model(model, cfg.site, range(n_layers))
-    if n_pos > int(model.cfg.n_ctx):
-        raise InputError(f"prompts of {n_pos} tokens exceed the model's context of "
-                         f"{model.cfg.n_ctx}")  # fmt: skip
     device = next(model.parameters()).device
     clean, corrupt = clean.to(device), corrupt.to(device)
 

@@ -130,6 +130,23 @@ def _pair(task_or_pair: TaskBatch | tuple[Tensor, Tensor]) -> tuple[Tensor, Tens
     return clean, corrupt
 
 
+def sweep_inputs(model: Model, cfg: SweepConfig, task_or_pair: TaskBatch | tuple[Tensor, Tensor],
+                 metric: Any) -> tuple[Tensor, Tensor, TaskBatch | None]:
+    """The clean and corrupt tokens of a sweep and its task, checked before any forward (shared by
+    :func:`patch_sweep` and the attribution estimate): a pair needs a metric, the site must exist
+    on the model, the prompts must fit its context."""
+    clean, corrupt = _pair(task_or_pair)
+    task = task_or_pair if isinstance(task_or_pair, TaskBatch) else None
+    if task is None and metric is None:
+        raise InputError("a (clean, corrupt) token pair has no answers: pass metric=fn(logits) "
+                         "-> scalar, or give a TaskBatch")  # fmt: skip
+    check_site_on_model(model, cfg.site, range(int(model.cfg.n_layers)))
+    if clean.shape[1] > int(model.cfg.n_ctx):
+        raise InputError(f"prompts of {clean.shape[1]} tokens exceed the model's context of "
+                         f"{model.cfg.n_ctx}")  # fmt: skip
+    return clean, corrupt, task
+
+
 def _variants(cfg: SweepConfig, n_layers: int, n_pos: int, n_heads: int) -> list[Variant]:
     layers, positions = range(n_layers), range(n_pos)
     heads: list[int | None] = list(range(n_heads)) if cfg.site == "heads" else [None]
@@ -269,17 +286,9 @@ def patch_sweep(
     """
     cfg = SweepConfig(site=site, by=by, direction=direction, max_bytes=max_bytes,
                       resume=resume, progress=progress)  # fmt: skip
-    clean, corrupt = _pair(task_or_pair)
-    task = task_or_pair if isinstance(task_or_pair, TaskBatch) else None
-    if task is None and metric is None:
-        raise InputError("a (clean, corrupt) token pair has no answers: pass metric=fn(logits) "
-                         "-> scalar, or give a TaskBatch")  # fmt: skip
+    clean, corrupt, task = sweep_inputs(model, cfg, task_or_pair, metric)
     n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
     b, n_pos = clean.shape
-    check_site_on_model(model, cfg.site, range(n_layers))
-    if n_pos > int(model.cfg.n_ctx):
-        raise InputError(f"prompts of {n_pos} tokens exceed the model's context of "
-                         f"{model.cfg.n_ctx}")  # fmt: skip
     per = plan_chunk(model, cfg, b, n_pos)
 
     device = next(model.parameters()).device
