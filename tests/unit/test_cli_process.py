@@ -160,3 +160,17 @@ def test_entry_point_script_reports_errors_as_one_line():
                           capture_output=True, text=True, timeout=120, env=_env())
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: unknown model spec") and proc.stderr.count("\n") == 1
+
+
+def test_output_piped_into_a_reader_that_leaves_is_not_a_traceback():
+    """`mechscope patch --help | head -1`: the reader closes the pipe early; no traceback."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "mechscope.cli", "patch", "--help"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    proc.stdout.readline()
+    proc.stdout.close()  # the reader leaves before the help is written out
+    _, err = proc.communicate(timeout=120)
+    assert b"Traceback" not in err, err.decode()[-2000:]
