@@ -79,6 +79,26 @@ def no_hook_leaks(monkeypatch: pytest.MonkeyPatch):
     assert global_hooks == 0, "test left a global torch forward hook"
 
 
+def _toy_task(seed: int = 0):
+    """A 3 x 8 clean/corrupt batch for a tiny d_vocab=50 model: the rows differ at position 3 only,
+    answers scored at position 7."""
+    from mechscope.tasks.base import TaskBatch
+
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.randint(0, 50, (3, 8), generator=g)
+    corrupt = clean.clone()
+    corrupt[:, 3] = (clean[:, 3] + 7) % 50  # first difference at position 3
+    return TaskBatch(task="toy", clean=clean, corrupt=corrupt, answer=torch.tensor([1, 2, 3]),
+                     corrupt_answer=torch.tensor([4, 5, 6]), answer_pos=torch.tensor([7, 7, 7]),
+                     seed=seed)
+
+
+@pytest.fixture
+def toy_task():
+    """Makes the patching tests' toy batch: ``toy_task(seed=0)``."""
+    return _toy_task
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     assert SHARED_DATA.is_dir(), f"expected the shared data folder at {SHARED_DATA}"

@@ -15,20 +15,9 @@ from mechscope.errors import HookNameError, InputError
 from mechscope.models import load
 from mechscope.models.zoo.groundtruth import GroundTruth
 from mechscope.probes import Apply, Tracer, intervene
-from mechscope.tasks.base import TaskBatch
 
 TINY = "native:n_layers=2,d_model=32,n_heads=4,d_head=8,d_mlp=64,d_vocab=50,n_ctx=32,seed=1"
 SITES = ["resid_pre", "resid_mid", "attn_out", "mlp_out", "heads"]
-
-
-def _tiny_batch(seed: int = 0) -> TaskBatch:
-    g = torch.Generator().manual_seed(seed)
-    clean = torch.randint(0, 50, (3, 8), generator=g)
-    corrupt = clean.clone()
-    corrupt[:, 3] = (clean[:, 3] + 7) % 50
-    return TaskBatch(task="toy", clean=clean, corrupt=corrupt, answer=torch.tensor([1, 2, 3]),
-                     corrupt_answer=torch.tensor([4, 5, 6]), answer_pos=torch.tensor([7, 7, 7]),
-                     seed=seed)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +43,8 @@ def _metric(logits):
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
 @pytest.mark.parametrize("by", ["position", "all"])
 @pytest.mark.parametrize("site", SITES)
-def test_shapes_match_the_exact_engine(tiny, site, by, direction):
-    batch = _tiny_batch()
+def test_shapes_match_the_exact_engine(tiny, site, by, direction, toy_task):
+    batch = toy_task()
     est = attribution_patch(tiny, batch, site=site, by=by, direction=direction)
     exact = patch_sweep(tiny, batch, site=site, by=by, direction=direction, progress=False)
     assert isinstance(est, PatchResult) and isinstance(est, AttributionPatchResult)
@@ -70,9 +59,9 @@ def test_shapes_match_the_exact_engine(tiny, site, by, direction):
 
 @pytest.mark.parametrize("site", SITES)
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
-def test_estimate_is_the_directional_derivative(tiny64, site, direction):
+def test_estimate_is_the_directional_derivative(tiny64, site, direction, toy_task):
     """Each cell equals d/de M(a_tgt + e (a_src - a_tgt)) at e=0 (central difference, float64)."""
-    clean, corrupt = _tiny_batch().clean, _tiny_batch().corrupt
+    clean, corrupt = toy_task().clean, toy_task().corrupt
     corrupt = corrupt.clone()
     corrupt[:, 5] = (clean[:, 5] + 3) % 50  # two differing positions
     src, tgt = (clean, corrupt) if direction == "denoise" else (corrupt, clean)
@@ -105,8 +94,8 @@ def test_estimate_is_the_directional_derivative(tiny64, site, direction):
             assert value == pytest.approx(fd, rel=1e-4, abs=1e-5), (layer, pos)
 
 
-def test_zero_when_clean_equals_corrupt(tiny):
-    tokens = _tiny_batch().clean
+def test_zero_when_clean_equals_corrupt(tiny, toy_task):
+    tokens = toy_task().clean
     for site in SITES:
         r = attribution_patch(tiny, (tokens, tokens.clone()), site=site, metric=_metric)
         assert bool((r.scores == r.metric_corrupt).all())
@@ -141,8 +130,8 @@ def test_rank_agreement_matches_scipy():
     assert ours == pytest.approx(float(stats.spearmanr(a.numpy(), b.numpy())[0]), abs=1e-12)
 
 
-def test_bad_inputs(tiny):
-    batch = _tiny_batch()
+def test_bad_inputs(tiny, toy_task):
+    batch = toy_task()
     with pytest.raises(InputError, match="differ in shape"):
         attribution_patch(tiny, (batch.clean, batch.corrupt[:, :5]), metric=_metric)
     with pytest.raises(HookNameError, match="cannot sweep site"):

@@ -58,16 +58,6 @@ def oracle(model, batch: TaskBatch, site: str, by: str, direction: str) -> torch
     return ORACLE[site, by](model, tokens, cache, metric)
 
 
-def _tiny_batch(seed: int = 0) -> TaskBatch:
-    g = torch.Generator().manual_seed(seed)
-    clean = torch.randint(0, 50, (3, 8), generator=g)
-    corrupt = clean.clone()
-    corrupt[:, 3] = (clean[:, 3] + 7) % 50  # first difference at position 3
-    return TaskBatch(task="toy", clean=clean, corrupt=corrupt, answer=torch.tensor([1, 2, 3]),
-                     corrupt_answer=torch.tensor([4, 5, 6]), answer_pos=torch.tensor([7, 7, 7]),
-                     seed=seed)  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def tiny():
     return load(TINY)
@@ -81,8 +71,8 @@ def ioi():
 
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
 @pytest.mark.parametrize("site,by", list(ORACLE))
-def test_tiny_native_equals_transformer_lens(tiny, site, by, direction):
-    batch = _tiny_batch()
+def test_tiny_native_equals_transformer_lens(tiny, site, by, direction, toy_task):
+    batch = toy_task()
     r = patch_sweep(tiny, batch, site=site, by=by, direction=direction, progress=False)
     _gate(r.scores, oracle(tiny, batch, site, by, direction))
     assert r.n_skipped > 0 if by == "position" else True
@@ -112,9 +102,9 @@ def test_shipped_zoo_position_tables(ioi):
         assert r.metric_clean == pytest.approx(stored.clean_logit_diff, abs=1e-5)
 
 
-def test_clean_into_clean_changes_nothing(tiny):
+def test_clean_into_clean_changes_nothing(tiny, toy_task):
     """Patching a run into itself: every patch is an exact no-op, the raw metric is unchanged."""
-    batch = _tiny_batch()
+    batch = toy_task()
     def metric(lg):
         return lg[:, -1, 0].mean()
     for site in ("resid_pre", "heads", "mlp_out"):
@@ -123,10 +113,10 @@ def test_clean_into_clean_changes_nothing(tiny):
         assert bool((r.scores == r.metric_clean).all())
 
 
-def test_clean_into_clean_with_forwards_run(tiny):
+def test_clean_into_clean_with_forwards_run(tiny, toy_task):
     """Through real forwards (no skipping possible for a patch that differs nowhere? force it by
     noising with an identical-but-distinct source): the same check via the oracle."""
-    batch = _tiny_batch()
+    batch = toy_task()
     def metric(lg):
         return lg[:, -1, 0].mean()
     with torch.no_grad():
@@ -136,8 +126,8 @@ def test_clean_into_clean_with_forwards_run(tiny):
     _gate(r.scores, want)
 
 
-def test_restoring_every_position_at_layer_0_gives_the_clean_metric(tiny):
-    batch = _tiny_batch()
+def test_restoring_every_position_at_layer_0_gives_the_clean_metric(tiny, toy_task):
+    batch = toy_task()
     def metric(lg):
         return _ld(batch, lg)
     r = patch_sweep(tiny, batch, site="resid_pre", by="all", metric=metric, progress=False)
@@ -147,8 +137,8 @@ def test_restoring_every_position_at_layer_0_gives_the_clean_metric(tiny):
     assert float(normalised.scores[0]) == pytest.approx(1.0, abs=1e-5)
 
 
-def test_chunking_gives_the_same_numbers(tiny):
-    batch = _tiny_batch()
+def test_chunking_gives_the_same_numbers(tiny, toy_task):
+    batch = toy_task()
     big = patch_sweep(tiny, batch, site="heads", progress=False)
     small = patch_sweep(tiny, batch, site="heads", max_bytes=300_000, progress=False)
     assert small.work["chunk_variants"] < 10 < big.work["chunk_variants"]
@@ -157,7 +147,7 @@ def test_chunking_gives_the_same_numbers(tiny):
 
 
 @pytest.mark.parametrize("spec", [TINY, "zoo:ioi", "zoo:induction"])
-def test_start_at_layer_resume_equals_a_full_forward(spec):
+def test_start_at_layer_resume_equals_a_full_forward(spec, toy_task):
     model = load(spec)
     tokens = torch.randint(0, int(model.cfg.d_vocab), (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), Tracer(model, sites=("resid_pre",), batch_size=2) as t:
@@ -166,7 +156,7 @@ def test_start_at_layer_resume_equals_a_full_forward(spec):
             resumed = model(trace.get("resid_pre", layer), start_at_layer=layer)
             diff = float((resumed - full).abs().max())
             assert diff <= 1e-6, (layer, diff)  # observed 0.0 (bit for bit) on these models
-    batch = _tiny_batch()
+    batch = toy_task()
     if spec == TINY:
         for site in ("resid_pre", "heads", "mlp_out"):
             a = patch_sweep(model, batch, site=site, progress=False)
@@ -174,8 +164,8 @@ def test_start_at_layer_resume_equals_a_full_forward(spec):
             _gate(b.scores, a.scores)
 
 
-def test_result_frame_figure_and_counts(tiny):
-    batch = _tiny_batch()
+def test_result_frame_figure_and_counts(tiny, toy_task):
+    batch = toy_task()
     r = patch_sweep(tiny, batch, site="heads", progress=False)
     assert isinstance(r, PatchResult)
     assert r.axes == ("layer", "pos", "head") and r.scores.shape == (2, 8, 4)
@@ -196,10 +186,10 @@ def test_resid_mid_site():
     assert trace.get("resid_mid", 1).shape == (1, 3, 32)
 
 
-def test_bad_inputs_are_refused_before_any_forward(tiny, monkeypatch):
+def test_bad_inputs_are_refused_before_any_forward(tiny, monkeypatch, toy_task):
     calls = []
     monkeypatch.setattr(type(tiny), "forward", lambda *a, **k: calls.append(1))
-    batch = _tiny_batch()
+    batch = toy_task()
     with pytest.raises(InputError, match="differ in shape"):
         patch_sweep(tiny, (batch.clean, batch.clean[:, :5]), metric=lambda lg: lg.sum())
     with pytest.raises(HookNameError, match="cannot sweep site"):
