@@ -21,7 +21,7 @@ import typer
 from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer vendors click
 from typer.main import get_command
 
-from mechscope.errors import MechscopeError, StoreError
+from mechscope.errors import InputError, MechscopeError, StoreError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="mechscope: a mechanistic-interpretability workbench.")
@@ -219,6 +219,114 @@ def patch_cmd(
     _emit(obj, as_json, human)
 
 
+def _span(text: str) -> tuple[int, int]:
+    parts = text.replace(",", ":").split(":")
+    try:
+        start, end = (int(p) for p in parts)
+    except ValueError:
+        raise MechscopeError(f"--subject-span takes START:END token positions (end exclusive), "
+                             f"e.g. 1:3; got {text!r}") from None
+    return start, end
+
+
+def trace_payload(result: Any) -> dict[str, Any]:
+    """The JSON-ready summary of a causal trace (what ``mechscope causal-trace --json`` prints)."""
+    layer, pos = result.argmax()
+    return {
+        "scores": result.scores.tolist(), "indirect_effect": result.indirect_effect.tolist(),
+        "tokens": list(result.tokens), "token_ids": list(result.token_ids),
+        "subject": list(result.subject), "target": result.target,
+        "target_token": result.target_token, "p_clean": result.p_clean,
+        "p_corrupt": result.p_corrupt, "total_effect": result.total_effect,
+        "kind": result.trace_kind, "severed": result.severed, "window": result.window,
+        "samples": result.samples, "noise": result.noise, "sigma": result.sigma,
+        "n_skipped": result.n_skipped,
+        "peak": {"layer": layer, "pos": pos, "token": result.tokens[pos],
+                 "indirect_effect": float(result.indirect_effect[layer, pos])},
+    }  # fmt: skip
+
+
+@app.command("causal-trace")
+def causal_trace_cmd(
+    spec: Annotated[str, typer.Argument(help="Model spec: smollm2, zoo:NAME, native:..., a path.")],
+    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Prompt text.")] = None,
+    prompt_tokens: Annotated[str | None, typer.Option(
+        "--prompt-tokens", help="Prompt token ids, comma-separated (models without a tokenizer).")] = None,
+    subject: Annotated[str | None, typer.Option(
+        "--subject", help="The subject: a piece of the prompt's text, e.g. 'The Eiffel Tower'.")] = None,
+    subject_span: Annotated[str | None, typer.Option(
+        "--subject-span", help="The subject as token positions START:END (end exclusive).")] = None,
+    target: Annotated[str | None, typer.Option(
+        help="The answer (one token; an id for models without a tokenizer; default: the clean "
+             "run's top-1).")] = None,
+    kind: Annotated[str, typer.Option(help="hidden, mlp or attn: what is restored.")] = "hidden",
+    samples: Annotated[int, typer.Option(min=1, help="Noisy runs averaged (ROME: 10).")] = 10,
+    noise: Annotated[float, typer.Option(min=0.0, help="Noise level in embedding stds (ROME: 3).")] = 3.0,
+    window: Annotated[int, typer.Option(
+        min=1, help="Layers restored together for mlp/attn (ROME: 10).")] = 10,
+    seed: Annotated[int, typer.Option(help="Seed of the noise.")] = 0,
+    severed: Annotated[str | None, typer.Option(
+        help="mlp or attn: freeze those outputs above the restored layer (kind hidden only).")] = None,
+    top: Annotated[int, typer.Option(min=1, help="Cells shown in the table.")] = 10,
+    store: Annotated[Path | None, typer.Option("--store", help="Save the result in this store.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """ROME causal tracing of one prompt: restore each (layer, token) into noised-subject runs."""
+    from mechscope.attribution import causal_trace
+    from mechscope.models import load
+
+    if kind not in ("hidden", "mlp", "attn"):
+        raise MechscopeError(f"--kind must be hidden, mlp or attn, got {kind!r}")
+    if severed is not None and severed not in ("mlp", "attn"):
+        raise MechscopeError(f"--severed must be mlp or attn, got {severed!r}")
+    if severed is not None and kind != "hidden":
+        raise MechscopeError(f"--severed {severed} works with --kind hidden only (got --kind {kind})")
+    if (prompt is None) == (prompt_tokens is None):
+        raise MechscopeError("give either --prompt TEXT or --prompt-tokens IDS (exactly one)")
+    if (subject is None) == (subject_span is None):
+        raise MechscopeError("give either --subject TEXT or --subject-span START:END (exactly one)")
+    if prompt is not None and not prompt.strip():
+        raise MechscopeError("the prompt is empty; give it some text")
+    ids = None if prompt_tokens is None else list(_ints(prompt_tokens, "prompt-tokens") or ())
+    if ids is not None and not ids:
+        raise MechscopeError("--prompt-tokens is empty: give at least one token id")
+    span = None if subject_span is None else _span(subject_span)
+    model = load(spec)
+    if model.tokenizer is None and prompt is not None:
+        raise MechscopeError("this model has no tokenizer, so --prompt TEXT cannot be read; pass "
+                             "token ids with --prompt-tokens 1,2,3 and --subject-span START:END")
+    if model.tokenizer is None and subject is not None:
+        raise MechscopeError("this model has no tokenizer, so --subject TEXT cannot be found; "
+                             "pass --subject-span START:END")
+    tgt = None if target is None else _single_token(model, target, "target")
+    the_prompt: str | list[int] = ids if ids is not None else prompt or ""
+    the_subject: str | tuple[int, int] = span if span is not None else subject or ""
+    try:
+        result = causal_trace(model, the_prompt, the_subject, target=tgt, kind=kind,
+                              window=window, samples=samples, noise=noise, seed=seed,
+                              severed=severed, progress=not as_json and sys.stderr.isatty())  # fmt: skip
+    except InputError as exc:  # the library's hints name its arguments; name the options
+        raise InputError(str(exc).replace("a (start, end) token span", "--subject-span START:END")
+                         .replace("a (start, end) span", "--subject-span START:END")) from exc
+    obj = {"model": spec, **trace_payload(result), "seed": seed, "run_id": None}
+    if store is not None:
+        from mechscope.store import Store
+
+        obj["run_id"] = result.save(Store(store))
+    frame = result.to_frame()
+    cells = frame.sort_values("indirect_effect", ascending=False).head(top)
+    sev = f", {severed} severed" if severed else ""
+    human = "\n".join(
+        [f"causal trace ({kind}{sev}, {samples} samples, noise {noise:g}): "
+         f"p({result.target_token!r}) clean {result.p_clean:.4f}, corrupt {result.p_corrupt:.4f}, "
+         f"total effect {result.total_effect:.4f}",
+         f"top {len(cells)} cells by indirect effect (* = subject token):"]
+        + [cells[["layer", "pos", "token", "indirect_effect"]].to_string(
+            index=False, float_format=lambda x: f"{x:.4f}")]
+        + ([f"run {obj['run_id']} saved to {store}"] if store is not None else []))
+    _emit(obj, as_json, human)
+
+
 def _usable_store_dir(path: Path) -> bool:
     """True when ``mechscope demo --store path`` can write there: a writable folder, or a missing
     one whose nearest existing parent is a writable folder."""
@@ -283,6 +391,9 @@ def runs(store: StoreOpt = DEFAULT_STORE, as_json: JsonFlag = False) -> None:
 def demo(
     model: Annotated[str, typer.Option("--model", help="Model spec.")] = "smollm2",
     store: StoreOpt = DEFAULT_STORE,
+    attribution: Annotated[bool, typer.Option(
+        "--attribution/--no-attribution",
+        help="Run causal tracing and activation patching (about a minute on SmolLM2 on a CPU).")] = True,
     as_json: JsonFlag = False,
 ) -> None:
     """The main job: every analysis on one model -> a run in the store."""
@@ -293,11 +404,21 @@ def demo(
         raise StoreError(f"--store {store} is a file; a store is a folder. Give a new folder"
                          + (f", e.g. --store {shlex.quote(str(folder))}" if folder else ""))
 
-    summary = run_demo(DemoConfig(model=model), store)
-    human = "\n".join(
-        [f"run {summary['run_id']} saved to {summary['store']}"]
-        + [f"  {r['prompt']!r} -> {r['top1']!r} (p={r['p_top1']:.3f})" for r in summary["predictions"]]
-    )
+    summary = run_demo(DemoConfig(model=model, attribution=attribution), store)
+    lines = [f"run {summary['run_id']} saved to {summary['store']}"]
+    lines += [f"  {r['prompt']!r} -> {r['top1']!r} (p={r['p_top1']:.3f})" for r in summary["predictions"]]
+    ct, pa = summary.get("causal_trace"), summary.get("patching")
+    if ct:
+        pk = ct["peak"]
+        lines.append(f"  causal trace ({ct['kind']}, {ct['samples']} samples) p({ct['target']!r}): "
+                     f"clean {ct['p_clean']:.3f}, corrupt {ct['p_corrupt']:.3f}; peak IE "
+                     f"{pk['indirect_effect']:.3f} at layer {pk['layer']}, token {pk['token']!r}")
+    if pa:
+        pk = pa["peak"]
+        lines.append(f"  patching {pa['site']} ({pa['task']}, {pa['answer']!r} vs {pa['wrong']!r}): "
+                     f"p clean {pa['p_clean']:.3f}, corrupt {pa['p_corrupt']:.3f}; peak "
+                     f"{pk['score']:.3f} at layer {pk['layer']}, token {pk['token']!r}")
+    human = "\n".join(lines)
     _emit(summary, as_json, human)
 
 

@@ -1,7 +1,14 @@
-"""The main job: load a model, trace prompts, save a run to the store.
+"""The main job: load a model, trace prompts, causal-trace a fact, patch a clean/corrupt pair,
+and save everything as one run in the store.
 
-Later analyses (causal tracing, head divergence, retrieval heads, sinks, SAE circuits) add their
-steps here; each step is a public function and the demo only chains them.
+Steps: the trace (predictions, head norms, attention patterns, shapes); ROME causal tracing
+(:func:`~mechscope.attribution.causal_trace`, hidden states, few noise samples) of "The Eiffel
+Tower is located in the city of" -> " Paris"; exact activation patching
+(:func:`~mechscope.attribution.patch_sweep`, ``resid_pre`` by position) of one IOI pair. On a
+model without a tokenizer (zoo, native) the last two use the first demo row: subject span
+``(1, 3)`` (the corrupt row changes those tokens) and the clean top-1 as the answer.
+Later analyses (head divergence, retrieval heads, sinks, SAE circuits) add their steps here; each
+step is a public function and the demo only chains them.
 """
 
 from __future__ import annotations
@@ -23,16 +30,25 @@ DEFAULT_PROMPTS = (
     "When Mary and John went to the store, John gave a drink to",
     "one two three four five one two three four",
 )
+TRACE_PROMPT = ("The Eiffel Tower is located in the city of", "The Eiffel Tower", " Paris")
 
 
 @dataclass(frozen=True, kw_only=True)
 class DemoConfig:
-    """What the demo runs."""
+    """What the demo runs.
+
+    ``attribution=False`` skips causal tracing and patching. ``trace_samples``: the noisy runs of
+    the causal trace (ROME uses 10; 3 keeps the demo quick). ``trace_prompt``: (prompt, subject,
+    target) of the causal trace on a model with a tokenizer.
+    """
 
     model: str = DEFAULT_MODEL
     prompts: tuple[str, ...] = DEFAULT_PROMPTS
     sites: tuple[str, ...] = ("heads", "patterns", "ffn", "resid")
     seed: int = 0
+    attribution: bool = True
+    trace_samples: int = 3
+    trace_prompt: tuple[str, str, str] = TRACE_PROMPT
 
 
 def demo_inputs(model: Model, config: DemoConfig) -> list[str] | torch.Tensor:
@@ -49,8 +65,10 @@ def demo_inputs(model: Model, config: DemoConfig) -> list[str] | torch.Tensor:
 def run_demo(config: DemoConfig, store_dir: str | Path, *, progress: bool = True) -> dict[str, Any]:
     """Run the demo and save it as one run; returns a JSON-able summary.
 
-    Timings (seconds): ``load`` (the model), ``trace``, and ``total`` (load included, so
-    ``total >= load``). The global random state is not touched.
+    Timings (seconds): ``load`` (the model), ``trace``, ``causal_trace`` and ``patching`` (when
+    ``config.attribution``), and ``total`` (load included, so ``total >= load``). The summary has
+    ``causal_trace`` and ``patching`` (peak cell and probabilities; None when skipped). The
+    global random state is not touched.
     """
     from mechscope.models import load
     from mechscope.models.loading import resolve_spec
@@ -65,6 +83,7 @@ def run_demo(config: DemoConfig, store_dir: str | Path, *, progress: bool = True
         run.time("load", t_load)
         try:
             rows = _analyse(model, config, run, progress=progress)
+            steps = _attribution(model, config, run, progress=progress) if config.attribution else {}
         finally:
             run.time("total", time.perf_counter() - t0)
     return {
@@ -72,6 +91,8 @@ def run_demo(config: DemoConfig, store_dir: str | Path, *, progress: bool = True
         "store": str(Path(store_dir).resolve()),
         "model": config.model,
         "predictions": rows,
+        "causal_trace": steps.get("causal_trace"),
+        "patching": steps.get("patching"),
         "timings": run.timings,
     }
 
@@ -113,3 +134,89 @@ def _analyse(model: Model, config: DemoConfig, run: RunWriter, *,
     run.add_json("trace_shapes", tr.shapes())
     run.add_json("model", describe(model, config.model).to_dict())
     return rows
+
+
+def _add_result(run: RunWriter, name: str, result: Any, summary: dict[str, Any]) -> None:
+    """Stage a result inside the demo's run: its table ``name``, its scores ``name_scores``
+    (tensors) and ``name_summary`` (JSON: the summary and the provenance's config)."""
+    run.add_table(name, result.to_frame())
+    run.add_tensors(f"{name}_scores", {"scores": result.scores})
+    run.add_json(f"{name}_summary", {**summary, "config": result.provenance.config})
+
+
+def _attribution(model: Model, config: DemoConfig, run: RunWriter, *,
+                 progress: bool) -> dict[str, dict[str, Any]]:
+    """Causal tracing of one fact and exact patching of one clean/corrupt pair, into the run."""
+    from mechscope.attribution import causal_trace, patch_sweep
+    from mechscope.tasks.base import TaskBatch
+
+    tokenizer = model.tokenizer
+    prompts = demo_inputs(model, config)
+    if tokenizer is not None:
+        prompt, subject, target = config.trace_prompt
+        inputs: tuple[Any, Any, Any] = (prompt, subject, target)
+    else:
+        assert isinstance(prompts, torch.Tensor)
+        inputs = ([int(t) for t in prompts[0]], (1, min(3, prompts.shape[1] - 1)), None)
+
+    t0 = time.perf_counter()
+    ct = causal_trace(model, inputs[0], inputs[1], target=inputs[2], kind="hidden",
+                      samples=config.trace_samples, seed=config.seed, progress=progress)
+    layer, pos = ct.argmax()
+    trace_summary = {
+        "prompt": inputs[0] if isinstance(inputs[0], str) else " ".join(map(str, inputs[0])),
+        "subject": list(ct.subject), "target": ct.target_token, "kind": ct.trace_kind,
+        "samples": ct.samples, "p_clean": ct.p_clean, "p_corrupt": ct.p_corrupt,
+        "total_effect": ct.total_effect,
+        "peak": {"layer": layer, "pos": pos, "token": ct.tokens[pos],
+                 "indirect_effect": float(ct.indirect_effect[layer, pos])},
+    }  # fmt: skip
+    _add_result(run, "causal_trace", ct, trace_summary)
+    run.time("causal_trace", time.perf_counter() - t0)
+
+    t1 = time.perf_counter()
+    if tokenizer is not None:
+        from mechscope.tasks import ioi
+
+        task: TaskBatch = ioi(tokenizer, 1, seed=config.seed)  # one row: no padding
+    else:
+        assert isinstance(prompts, torch.Tensor)
+        task = _token_pair(model, prompts[0])
+    pr = patch_sweep(model, task, site="resid_pre", by="position", progress=progress)
+    flat = int(pr.scores.argmax())
+    p_layer, p_pos = flat // pr.scores.shape[1], flat % pr.scores.shape[1]
+    label = (lambda ids: [tokenizer.decode([int(i)]) for i in ids]) if tokenizer is not None else (
+        lambda ids: [str(int(i)) for i in ids])
+    patch_summary = {
+        "task": task.task, "clean": "".join(label(task.clean[0])) if tokenizer is not None else
+        " ".join(label(task.clean[0])), "answer": label(task.answer)[0],
+        "wrong": label(task.corrupt_answer)[0], "site": "resid_pre",
+        "p_clean": pr.prob_clean, "p_corrupt": pr.prob_corrupt,
+        "metric_clean": pr.metric_clean, "metric_corrupt": pr.metric_corrupt,
+        "peak": {"layer": p_layer, "pos": p_pos, "token": pr.tokens[p_pos],
+                 "score": float(pr.scores[p_layer, p_pos])},
+    }  # fmt: skip
+    _add_result(run, "patching", pr, patch_summary)
+    run.time("patching", time.perf_counter() - t1)
+    return {"causal_trace": trace_summary, "patching": patch_summary}
+
+
+@torch.no_grad()
+def _token_pair(model: Model, row: torch.Tensor) -> Any:
+    """A clean/corrupt pair from a row of token ids: the corrupt row shifts tokens 1..2; the
+    answers are the two runs' top-1 (the corrupt run's second best when they agree)."""
+    from mechscope.tasks.base import TaskBatch
+
+    clean = row[None].long()
+    corrupt = clean.clone()
+    end = min(3, clean.shape[1] - 1)
+    vocab = int(model.cfg.d_vocab)
+    corrupt[0, 1:end] = (corrupt[0, 1:end] % (vocab - 1)) + 1  # another id, never 0
+    device = next(model.parameters()).device
+    last = clean.shape[1] - 1
+    a = int(model(clean.to(device))[0, last].argmax())
+    top2 = model(corrupt.to(device))[0, last].topk(2).indices.tolist()
+    w = int(top2[0] if top2[0] != a else top2[1])
+    return TaskBatch(task="demo_tokens", clean=clean, corrupt=corrupt, answer=torch.tensor([a]),
+                     corrupt_answer=torch.tensor([w]), answer_pos=torch.tensor([last]),
+                     seed=0)  # fmt: skip

@@ -76,7 +76,25 @@ def test_demo_and_runs(capsys, tmp_path):
     out, _ = _ok(capsys, "runs", "--store", str(store), "--json")
     runs = json.loads(out)["runs"]
     assert len(runs) == 1 and runs[0]["status"] == "complete"
-    assert set(runs[0]["results"]) >= {"predictions", "head_norms", "trace_shapes"}
+    assert set(runs[0]["results"]) >= {"predictions", "head_norms", "trace_shapes",
+                                       "causal_trace", "causal_trace_scores", "patching",
+                                       "patching_scores", "patching_summary"}
+    ct, pa = summary["causal_trace"], summary["patching"]
+    assert ct["kind"] == "hidden" and ct["subject"] == [1, 3] and ct["samples"] == 3
+    assert 0.0 <= ct["p_corrupt"] <= 1.0 and 0.0 <= ct["p_clean"] <= 1.0
+    assert pa["site"] == "resid_pre" and pa["answer"] != pa["wrong"]
+    assert {"layer", "pos", "token", "score"} <= set(pa["peak"])
+
+
+def test_demo_without_attribution(capsys, tmp_path):
+    store = tmp_path / "store"
+    out, _ = _ok(capsys, "demo", "--model", TINY, "--store", str(store), "--no-attribution",
+                 "--json")
+    summary = json.loads(out)
+    assert summary["causal_trace"] is None and summary["patching"] is None
+    assert "causal_trace" not in summary["timings"]
+    out, _ = _ok(capsys, "runs", "--store", str(store), "--json")
+    assert "causal_trace" not in json.loads(out)["runs"][0]["results"]
 
 
 def test_zoo_list_json(capsys):
@@ -85,7 +103,8 @@ def test_zoo_list_json(capsys):
 
 
 def test_help_for_every_verb(capsys):
-    for verb in (["models"], ["trace"], ["runs"], ["demo"], ["zoo", "list"], ["zoo", "train"]):
+    for verb in (["models"], ["trace"], ["patch"], ["causal-trace"], ["runs"], ["demo"],
+                 ["zoo", "list"], ["zoo", "train"]):
         main([*verb, "--help"])
         assert "Usage" in capsys.readouterr().out
 
@@ -261,6 +280,7 @@ def test_demo_keeps_the_global_generator_and_times_consistently(tmp_path):
     assert torch.equal(torch.random.get_rng_state(), rng)
     timings = summary["timings"]
     assert timings["total"] >= timings["load"] and timings["total"] >= timings["trace"]
+    assert timings["total"] >= timings["causal_trace"] + timings["patching"]
     store = Store(tmp_path / "store", readonly=True)
     assert store.get_run(summary["run_id"]).timings == timings
     model = store.json(summary["run_id"], "model")
@@ -268,6 +288,8 @@ def test_demo_keeps_the_global_generator_and_times_consistently(tmp_path):
     # same seed, same prompts: a second demo predicts the same
     again = run_demo(DemoConfig(model=TINY), tmp_path / "store", progress=False)
     assert again["predictions"] == summary["predictions"]
+    assert again["causal_trace"] == summary["causal_trace"]
+    assert again["patching"] == summary["patching"]
 
 
 def test_demo_with_an_unknown_model_creates_no_store(capsys, tmp_path):
