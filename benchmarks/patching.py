@@ -49,6 +49,9 @@ def case(model, name: str, batch: TaskBatch, site: str, reps: int, quick: bool, 
     def ours():
         return patch_sweep(model, batch, site=site, progress=False)
 
+    def ours_bf16():
+        return patch_sweep(model, batch, site=site, progress=False, dtype="bfloat16")
+
     want, got = peer(), ours()
     err = float((got.scores.double() - want.double()).abs().max())
     tol = 1e-4 * float(want.abs().max()) + 1e-5
@@ -59,7 +62,9 @@ def case(model, name: str, batch: TaskBatch, site: str, reps: int, quick: bool, 
            "U": got.n_patches, "skipped": got.n_skipped, "run": got.work["run"],
            "batch": b, "seq_len": n_pos, "layers": L, "heads": H, "d_model": int(model.cfg.d_model),
            "grid": list(got.scores.shape), "forwards_ours": got.work["forwards"],
-           "forwards_peer": got.n_patches + 1, "flops_vs_naive": got.work["flops_vs_naive"]}  # fmt: skip
+           "forwards_peer": got.n_patches + 1, "path": got.work["path"],
+           "flops_vs_naive": got.work["flops_vs_naive"],
+           "method_flops_vs_floor": got.work["token_layers"] / floor_token_layers(got, L, n_pos, b)}  # fmt: skip
     if err > tol:
         print(json.dumps(row), flush=True)
         sys.exit(1)
@@ -70,15 +75,44 @@ def case(model, name: str, batch: TaskBatch, site: str, reps: int, quick: bool, 
             tp.append(_time(peer))
             to.append(_time(ours))
         f1 = forward_flops(model, b, n_pos)
-        ours_flops = f1 * (got.work["run"] + 2)
+        ours_flops = f1 * got.work["flops_vs_naive"] * (got.n_patches + 1)
         row |= {"R": reps, "peer_s": {"median": statistics.median(tp), "min": min(tp), "max": max(tp)},
                 "ours_s": {"median": statistics.median(to), "min": min(to), "max": max(to)},
                 "ratio_peer_over_ours": statistics.median(tp) / statistics.median(to),
                 "ours_gflops": ours_flops / statistics.median(to) / 1e9,
                 "peer_gflops": f1 * (got.n_patches + 1) / statistics.median(tp) / 1e9,
                 "matmul_2048_fp32_gflops": ceiling}  # fmt: skip
+        # bf16 screening: the same sweep on a bf16 copy of the weights, vs fp32 ours
+        scr = ours_bf16()
+        tb, tf = [], []
+        for _ in range(reps):
+            tb.append(_time(ours_bf16))
+            tf.append(_time(ours))
+        row |= {"bf16_over_fp32_speedup": statistics.median(tf) / statistics.median(tb),
+                "bf16_agreement": agreement(got.scores, scr.scores)}
     print(json.dumps(row), flush=True)
     return row
+
+
+def floor_token_layers(result, n_layers: int, n_pos: int, batch: int) -> float:
+    """PERFORMANCE.md's floor: every patch of the grid from its layer on, at positions >= its
+    own (token-layers; + the two unpatched runs)."""
+    total = 2 * batch * n_pos * n_layers
+    grid = result.scores
+    for idx in torch.cartesian_prod(*(torch.arange(s) for s in grid.shape)).view(-1, grid.ndim).tolist():
+        layer = idx[0]
+        pos = idx[1] if "pos" in result.axes else 0
+        total += batch * (n_layers - layer) * (n_pos - pos)
+    return float(total)
+
+
+def agreement(fp32: torch.Tensor, other: torch.Tensor, k: int = 10) -> dict:
+    a, b = fp32.flatten().double(), other.flatten().double()
+    ta = set(a.abs().topk(min(k, a.numel())).indices.tolist())
+    tb = set(b.abs().topk(min(k, b.numel())).indices.tolist())
+    ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
+    rho = float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
+    return {"top10_overlap": len(ta & tb) / len(ta), "spearman": rho, "max_abs_diff": float((a - b).abs().max())}
 
 
 def smollm2_batch(model) -> TaskBatch:

@@ -63,6 +63,7 @@ from mechscope.attribution.causal_trace_result import (
     CausalTraceResult,
     aggregate_traces,
 )
+from mechscope.attribution.engine import SITE_STAGE, STAGES, Engine, Plan, RunCache, Write, agrees
 from mechscope.errors import HookNameError, InputError
 from mechscope.kernels.noise import add_subject_noise, subject_noise
 from mechscope.probes import Apply, Tracer, intervene
@@ -101,6 +102,9 @@ class CausalTraceConfig:
         severed: None, ``mlp`` or ``attn``: freeze those outputs above the restored layer at
             their corrupted values (``kind="hidden"`` only).
         max_bytes: memory budget of one batched forward; None: the tracer's default.
+        engine: ``auto`` (the engine of :mod:`mechscope.attribution.engine`, which runs each
+            restore from its layer and position only, where it knows the model and agrees with
+            the bridge; else hooks), ``engine`` (required) or ``hooks``.
         progress: a tqdm bar on stderr.
     """
 
@@ -112,9 +116,12 @@ class CausalTraceConfig:
     seed: int = 0
     severed: str | None = None
     max_bytes: int | None = None
+    engine: str = "auto"
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if self.engine not in ("auto", "engine", "hooks"):
+            raise InputError(f"engine must be 'auto', 'engine' or 'hooks', got {self.engine!r}")
         if self.kind not in KINDS:
             raise InputError(f"kind must be 'hidden', 'mlp' or 'attn', got {self.kind!r}")
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
@@ -270,6 +277,9 @@ class TraceSetup:
     corrupt: dict[str, Tensor]
     p_clean: float
     p_corrupt: float
+    engine: Engine | None = None  # the patching engine, when it runs this model
+    cache: RunCache | None = None  # its run of the clean row (0) and the N noisy rows (1..N)
+    engine_why_not: str | None = None
 
     @property
     def samples(self) -> int:
@@ -322,19 +332,36 @@ def prepare_trace(model: Model, prompt: str | Sequence[int] | Tensor, subject: s
     setup = TraceSetup(tokens=ids, span=span, target=-1, sigma=sigma, nu=cfg.noise * sigma,
                        noise=noise, clean={}, corrupt={}, p_clean=0.0, p_corrupt=0.0)  # fmt: skip
     rows = ids[None].repeat(n + 1, 1).to(device)
+    eng = Engine.of(model) if cfg.engine != "hooks" else None
+    why = None if eng is not None else ("engine='hooks'" if cfg.engine == "hooks" else Engine.why_not(model))
+    traced = ("resid_pre",) if eng is not None else sites
     with hooked(model, [(EMBED_HOOK, _noise_writer(setup, first_clean=True))]), \
-            Tracer(model, sites=sites, batch_size=n + 1) as tracer:
+            Tracer(model, sites=traced, layers=(0,) if eng is not None else None,
+                   batch_size=n + 1) as tracer:  # fmt: skip
         logits, trace = tracer.forward(rows)
+    cache = None
+    if eng is not None:
+        cache, x = eng.full(trace.get("resid_pre", 0).to(device))
+        own = eng.logits(x[:, -1])
+        ok, diff = agrees(own, logits[:, -1])
+        if ok:
+            logits = own[:, None]
+        else:
+            why = f"its unpatched logits differ from the bridge's by {diff:.3g} (over the fp32 gate)"
+            eng = cache = None
+    if eng is None and cfg.engine == "engine":
+        raise InputError(f"the patching engine cannot run this model: {why}; use engine='hooks'")
     target_id = int(logits[0, -1].argmax()) if tgt is None else tgt
     p = _probs(logits, target_id)
     clean, corrupt = {}, {}
     for s in sites:
         for ly in range(int(model.cfg.n_layers)):
-            act = trace.get(s, ly).to(device)
+            act = cache.get(SITE_STAGE[s], ly) if cache is not None else trace.get(s, ly).to(device)
             clean[f"{s}.{ly}"], corrupt[f"{s}.{ly}"] = act[:1], act[1:]
     return TraceSetup(tokens=ids, span=span, target=target_id, sigma=sigma, nu=cfg.noise * sigma,
                       noise=noise, clean=clean, corrupt=corrupt, p_clean=float(p[0]),
-                      p_corrupt=float(p[1:].mean()))  # fmt: skip
+                      p_corrupt=float(p[1:].mean()), engine=eng, cache=cache,
+                      engine_why_not=why)  # fmt: skip
 
 
 def _restore_writer(masks: list[tuple[Tensor, Tensor]], n: int) -> Callable[[Tensor], Tensor]:
@@ -392,7 +419,7 @@ def _rows_per_forward(model: Model, n_pos: int, max_bytes: int | None) -> int:
 @torch.no_grad()
 def restore_probs(model: Model, setup: TraceSetup, variants: Sequence[Variant], *,
                   max_bytes: int | None = None, progress: bool = False,
-                  skip_noops: bool = True) -> tuple[list[float], dict[str, int]]:
+                  skip_noops: bool = True) -> tuple[list[float], dict[str, Any]]:
     """Mean ``p(target)`` over the N noisy rows for each variant, batched (V*N rows a forward).
 
     A variant is ``(restores, frozen)``: ``restores`` are ``(site, layer, positions)`` written
@@ -402,6 +429,8 @@ def restore_probs(model: Model, setup: TraceSetup, variants: Sequence[Variant], 
     n = setup.samples
     per = max(1, _rows_per_forward(model, setup.tokens.numel(), max_bytes) // n)
     run = [i for i, v in enumerate(variants) if not (skip_noops and _is_noop(setup, v))]
+    if setup.engine is not None:
+        return _engine_restore(setup, variants, run, per, progress)
     out = [setup.p_corrupt] * len(variants)
     device = next(model.parameters()).device
     tokens = setup.tokens.to(device)
@@ -422,7 +451,86 @@ def restore_probs(model: Model, setup: TraceSetup, variants: Sequence[Variant], 
     finally:
         bar.close()
     return out, {"variants": len(variants), "run": len(run), "skipped": len(variants) - len(run),
-                 "forwards": forwards + 1, "rows": rows + n + 1, "chunk_variants": per}  # fmt: skip
+                 "forwards": forwards + 1, "rows": rows + n + 1, "chunk_variants": per,
+                 "path": "hooks", "engine_skipped_because": setup.engine_why_not}  # fmt: skip
+
+
+def _join(variant: Variant) -> tuple[int, int, int]:
+    """Where a variant joins the engine's forward: ``(layer, stage index, first position)``
+    of its earliest restore."""
+    restores = variant[0]
+    layer, stage = min((ly, STAGES.index(SITE_STAGE[site])) for site, ly, _ in restores)
+    return layer, stage, min(min(p) for _, _, p in restores)
+
+
+def _engine_plan(setup: TraceSetup, chunk: Sequence[Variant]) -> Plan:
+    """Rows ``j * N + s``: variant j of the chunk on noisy sample s (sorted by join layer)."""
+    assert setup.cache is not None
+    n, n_pos = setup.samples, setup.tokens.numel()
+    joins = [_join(v) for v in chunk]
+    k = len(chunk)
+    plan = Plan(target_rows=torch.arange(1, n + 1).repeat(k),
+                start=torch.tensor([j[2] for j in joins]).repeat_interleave(n),
+                join_layer=torch.tensor([j[0] for j in joins]).repeat_interleave(n), n_pos=n_pos,
+                stage=STAGES[joins[0][1]])  # fmt: skip
+    groups: dict[tuple[int, str], list[tuple[Tensor, Tensor]]] = {}
+    samples = torch.arange(n)
+    for j, (restores, frozen) in enumerate(chunk):
+        rows = j * n + samples
+        for site, layer, positions in restores:
+            stage = SITE_STAGE[site]
+            p = torch.tensor(positions)
+            toks = plan.token(rows.repeat_interleave(len(p)), p.repeat(n))
+            vals = setup.cache.get(stage, layer)[0, p].repeat(n, 1)
+            groups.setdefault((layer, stage), []).append((toks, vals))
+        for site, layer in frozen:  # the corrupted values, at every position still computed
+            stage = SITE_STAGE[site]
+            p = torch.arange(int(plan.start[j * n]), n_pos)
+            toks = plan.token(rows.repeat_interleave(len(p)), p.repeat(n))
+            vals = setup.cache.get(stage, layer)[1:][:, p].reshape(-1, setup.cache.get(stage, layer).shape[-1])
+            groups.setdefault((layer, stage), []).append((toks, vals))
+    for (layer, stage), parts in groups.items():
+        plan.add(layer, stage, Write(tokens=torch.cat([t for t, _ in parts]),
+                                     values=torch.cat([v for _, v in parts])))  # fmt: skip
+    return plan
+
+
+def _engine_restore(setup: TraceSetup, variants: Sequence[Variant], run: list[int], per: int,
+                    progress: bool) -> tuple[list[float], dict[str, Any]]:  # fmt: skip
+    """:func:`restore_probs` on the engine: every restore from its layer and position on."""
+    eng = setup.engine
+    assert eng is not None and setup.cache is not None
+    n, n_pos, n_layers = setup.samples, setup.tokens.numel(), eng.n_layers
+    out = [setup.p_corrupt] * len(variants)
+    # one plan joins at one stage: group by it, each group in join-layer order
+    order = sorted(run, key=lambda i: (_join(variants[i])[1], _join(variants[i])[0]))
+    forwards = rows = token_layers = 0
+    bar = tqdm(total=len(run), desc="causal trace", file=sys.stderr, disable=not progress, leave=False)
+    try:
+        at = 0
+        while at < len(order):
+            stage = _join(variants[order[at]])[1]
+            idx = [order[at]]
+            while (len(idx) < per and at + len(idx) < len(order)
+                   and _join(variants[order[at + len(idx)]])[1] == stage):  # fmt: skip
+                idx.append(order[at + len(idx)])
+            at += len(idx)
+            plan = _engine_plan(setup, [variants[i] for i in idx])
+            x = eng.suffix(plan, setup.cache)
+            last = plan.token(torch.arange(len(idx) * n), torch.full((len(idx) * n,), n_pos - 1))
+            p = _probs(eng.logits(x[last])[:, None], setup.target).view(len(idx), n).mean(1).tolist()
+            for i, value in zip(idx, p, strict=True):
+                out[i] = value
+            forwards, rows = forwards + 1, rows + len(idx) * n
+            token_layers += int((plan.lengths * (n_layers - plan.join_layer)).sum())
+            bar.update(len(idx))
+    finally:
+        bar.close()
+    naive = (len(variants) + 1) * n * n_pos * n_layers
+    return out, {"variants": len(variants), "run": len(run), "skipped": len(variants) - len(run),
+                 "forwards": forwards + 1, "rows": rows + n + 1, "chunk_variants": per,
+                 "path": "engine", "token_layers": token_layers + (n + 1) * n_pos * n_layers,
+                 "flops_vs_naive": (token_layers + (n + 1) * n_pos * n_layers) / naive}  # fmt: skip
 
 
 def grid_variants(cfg: CausalTraceConfig, n_layers: int, n_pos: int) -> list[Variant]:
@@ -456,6 +564,7 @@ def causal_trace(
     severed: str | None = None,
     max_bytes: int | None = None,
     progress: bool = True,
+    engine: str = "auto",
 ) -> CausalTraceResult:
     """ROME causal tracing of one prompt: ``p(target)`` with each (layer, token) restored.
 
@@ -473,6 +582,7 @@ def causal_trace(
         severed: None, ``mlp`` or ``attn`` (see the module docstring; ``kind="hidden"`` only).
         max_bytes: memory budget of one batched forward.
         progress: a progress bar on stderr.
+        engine: ``auto``, ``engine`` or ``hooks`` (see :class:`CausalTraceConfig`).
 
     Returns:
         A :class:`CausalTraceResult` with ``scores[layer, pos]`` = ``p_patched``.
@@ -487,7 +597,8 @@ def causal_trace(
     torch.Size([2, 4])
     """
     cfg = CausalTraceConfig(kind=kind, window=window, samples=samples, noise=noise, sigma=sigma,
-                            seed=seed, severed=severed, max_bytes=max_bytes, progress=progress)  # fmt: skip
+                            seed=seed, severed=severed, max_bytes=max_bytes, engine=engine,
+                            progress=progress)  # fmt: skip
     setup = prepare_trace(model, prompt, subject, target=target, config=cfg)
     n_layers, n_pos = int(model.cfg.n_layers), setup.tokens.numel()
     probs, work = restore_probs(model, setup, grid_variants(cfg, n_layers, n_pos),

@@ -72,7 +72,7 @@ class CausalTraceResult(Result):
     sigma: float = math.nan
     severed: str | None = None
     n_skipped: int = 0
-    work: Mapping[str, int | float] = field(default_factory=dict)
+    work: Mapping[str, int | float | str | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         super().__post_init__()

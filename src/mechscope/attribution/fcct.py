@@ -263,7 +263,7 @@ class FCCTResult(Result):
     noise: float = 3.0
     sigma: float = math.nan
     n_skipped: int = 0
-    work: Mapping[str, int | float] = field(default_factory=dict)
+    work: Mapping[str, int | float | str | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         super().__post_init__()

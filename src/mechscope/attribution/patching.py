@@ -56,6 +56,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm import tqdm
 
+from mechscope.attribution.engine import SITE_STAGE, Engine, Plan, RunCache, Write, agrees
 from mechscope.attribution.result import PatchResult
 from mechscope.errors import HookNameError, InputError
 from mechscope.metrics import Direction, answer_prob, logit_diff, normalised_patching
@@ -84,8 +85,14 @@ class SweepConfig:
         by: ``position`` (one patch per layer x position (x head)) or ``all`` (every position).
         direction: ``denoise`` (clean into the corrupt run) or ``noise`` (corrupt into clean).
         max_bytes: memory budget of one chunk of variants; None: the tracer's default.
-        resume: start each variant's forward at its layer (exact; no FLOPs saved yet, see the
-            module docstring).
+        resume: hook path only: start each variant's forward at its layer through the bridge
+            (exact; saves no FLOPs in TransformerLens 4.3, see the module docstring).
+        engine: ``auto`` (the engine of :mod:`mechscope.attribution.engine` where it knows the
+            model and its unpatched logits pass the fp32 gate against the bridge's, else the
+            hooks), ``engine`` (required: an error where it cannot run) or ``hooks``.
+        dtype: None (the model's, exact) or ``bfloat16``/``float16``: a screening sweep on a
+            reduced-precision copy of the weights (engine only; compare with fp32 before
+            trusting a ranking).
         progress: a tqdm bar on stderr.
     """
 
@@ -94,6 +101,8 @@ class SweepConfig:
     direction: str = "denoise"
     max_bytes: int | None = None
     resume: bool = False
+    engine: str = "auto"
+    dtype: str | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -106,6 +115,13 @@ class SweepConfig:
             raise InputError(f"direction must be 'denoise' or 'noise', got {self.direction!r}")
         if self.max_bytes is not None and self.max_bytes < 1:
             raise InputError(f"max_bytes must be a positive number of bytes, got {self.max_bytes}")
+        if self.engine not in ("auto", "engine", "hooks"):
+            raise InputError(f"engine must be 'auto', 'engine' or 'hooks', got {self.engine!r}")
+        if self.dtype not in (None, "float32", "bfloat16", "float16"):
+            raise InputError(f"dtype must be None, 'float32', 'bfloat16' or 'float16', got {self.dtype!r}")
+        if self.dtype not in (None, "float32") and self.engine == "hooks":
+            raise InputError(f"dtype={self.dtype!r} (screening) runs on the engine; drop "
+                             "engine='hooks'")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,6 +260,116 @@ def _chunks(run: list[Variant], per: int, by_layer: bool) -> Iterator[list[Varia
         yield from (group[i : i + per] for i in range(0, len(group), per))
 
 
+@dataclass
+class _Runs:
+    """The two unpatched runs of a sweep, as the patched forwards see them."""
+
+    source: dict[str, Tensor]  # "<site>.<layer>" -> [batch, pos, ...]
+    target: dict[str, Tensor]
+    logits: tuple[Tensor, Tensor]  # clean, corrupt: [batch, pos, vocab] (or answer rows only)
+    engine: Engine | None = None
+    caches: tuple[RunCache, RunCache] | None = None  # source, target (engine only)
+    target_x: Tensor | None = None  # the target run's final residual [batch, pos, d] (engine)
+    engine_diff: float | None = None  # max |engine - bridge| of the unpatched logits
+
+
+def _engine_for(model: Model, cfg: SweepConfig) -> tuple[Engine | None, str | None]:
+    if cfg.engine == "hooks":
+        return None, "engine='hooks'"
+    why = Engine.why_not(model)
+    if why is not None:
+        if cfg.engine == "engine" or cfg.dtype not in (None, "float32"):
+            raise InputError(f"the patching engine cannot run this model: {why}; use "
+                             "engine='hooks' (exact, slower) in fp32")  # fmt: skip
+        return None, why
+    dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
+    return Engine.of(model, dtype=dtype), None
+
+
+def _engine_runs(model: Model, eng: Engine, cfg: SweepConfig, clean: Tensor,
+                 corrupt: Tensor) -> _Runs | str:  # fmt: skip
+    """Both runs through the engine (from the bridge's layer-0 input), checked against the
+    bridge's logits; a string says why the engine is not used."""
+    with Tracer(model, sites=("resid_pre",), layers=(0,), batch_size=len(clean)) as tracer:
+        bridge_clean, t_clean = tracer.forward(clean)
+        bridge_corrupt, t_corrupt = tracer.forward(corrupt)
+    caches, finals, logits = [], [], []
+    for trace in (t_clean, t_corrupt):
+        cache, x = eng.full(trace.get("resid_pre", 0).to(clean.device))
+        caches.append(cache)
+        finals.append(x)
+        logits.append(eng.logits(x.reshape(-1, x.shape[-1])).view(*x.shape[:2], -1))
+    diff = max(agrees(lg, br)[1] for lg, br in zip(logits, (bridge_clean, bridge_corrupt), strict=True))
+    ok = all(agrees(lg, br)[0] for lg, br in zip(logits, (bridge_clean, bridge_corrupt), strict=True))
+    if not ok and cfg.dtype in (None, "float32"):
+        return f"its unpatched logits differ from the bridge's by {diff:.3g} (over the fp32 gate)"
+    stage = SITE_STAGE[cfg.site]
+    n_layers = int(model.cfg.n_layers)
+
+    def site_acts(cache: RunCache) -> dict[str, Tensor]:
+        return {f"{cfg.site}.{ly}": cache.get(stage, ly) for ly in range(n_layers)}
+
+    c_acts, k_acts = site_acts(caches[0]), site_acts(caches[1])
+    denoise = cfg.direction == "denoise"
+    return _Runs(source=c_acts if denoise else k_acts, target=k_acts if denoise else c_acts,
+                 logits=(logits[0], logits[1]), engine=eng,
+                 caches=(caches[0], caches[1]) if denoise else (caches[1], caches[0]),
+                 target_x=finals[1] if denoise else finals[0], engine_diff=diff)  # fmt: skip
+
+
+def _hook_runs(model: Model, cfg: SweepConfig, clean: Tensor, corrupt: Tensor) -> _Runs:
+    sites = (cfg.site, "resid_pre") if cfg.resume and cfg.site != "resid_pre" else (cfg.site,)
+    clean_logits, clean_act = _trace(model, clean, sites)
+    corrupt_logits, corrupt_act = _trace(model, corrupt, sites)
+    denoise = cfg.direction == "denoise"
+    return _Runs(source=clean_act if denoise else corrupt_act,
+                 target=corrupt_act if denoise else clean_act,
+                 logits=(clean_logits, corrupt_logits))  # fmt: skip
+
+
+def _engine_plan(cfg: SweepConfig, chunk: list[Variant], runs: _Runs, b: int, n_pos: int,
+                 differs: dict[int, Tensor]) -> Plan:  # fmt: skip
+    """Rows ``j * b + row`` (variant j of the chunk, batch row ``row``): each joins at its
+    patched layer and starts at its patched position (by=all: the first position where source
+    and target differ). The chunk is in layer order."""
+    assert runs.caches is not None
+    stage = SITE_STAGE[cfg.site]
+    src = runs.caches[0].acts[stage]  # [layer, batch, pos, (head,) d]
+    # one (variant, position) entry per written position
+    var_idx, var_pos, starts = [], [], []
+    for j, (ly, pos, head) in enumerate(chunk):
+        if pos is not None:
+            positions = [pos]
+        else:
+            d = differs[ly] if head is None else differs[ly][:, head]
+            positions = [p for p in range(n_pos) if bool(d[p])]
+        starts.append(min(positions))
+        var_idx += [j] * len(positions)
+        var_pos += positions
+    k = len(chunk)
+    layers = torch.tensor([v[0] for v in chunk])
+    heads = torch.tensor([-1 if v[2] is None else v[2] for v in chunk])
+    plan = Plan(target_rows=torch.arange(b).repeat(k), start=torch.tensor(starts).repeat_interleave(b),
+                join_layer=layers.repeat_interleave(b), n_pos=n_pos, stage=stage)  # fmt: skip
+    # every entry for every batch row
+    vj = torch.tensor(var_idx).repeat_interleave(b)
+    vp = torch.tensor(var_pos).repeat_interleave(b)
+    row = torch.arange(b).repeat(len(var_idx))
+    toks = plan.token(vj * b + row, vp)
+    lyr, hd = layers[vj], heads[vj]
+    for layer in layers.unique().tolist():
+        for per_head in (False, True):
+            sel = (lyr == layer) & ((hd >= 0) if per_head else (hd < 0))
+            if not bool(sel.any()):
+                continue
+            vals = src[layer][row[sel], vp[sel]]
+            if per_head:
+                vals = vals[torch.arange(len(vals)), hd[sel]]
+            plan.add(layer, stage, Write(tokens=toks[sel], values=vals,
+                                         heads=hd[sel] if per_head else None))  # fmt: skip
+    return plan
+
+
 @torch.no_grad()
 def patch_sweep(
     model: Model,
@@ -256,6 +382,8 @@ def patch_sweep(
     max_bytes: int | None = None,
     progress: bool = True,
     resume: bool = False,
+    engine: str = "auto",
+    dtype: str | None = None,
 ) -> PatchResult:
     """Patch every layer x position (x head) of one site and score each patched run.
 
@@ -272,20 +400,23 @@ def patch_sweep(
             run, 1 = the other run), as :func:`mechscope.metrics.normalised_patching`.
         max_bytes: memory budget of one chunk of variants.
         progress: a progress bar on stderr.
-        resume: start each variant at its patched layer (see the module docstring).
+        resume: hook path: start each variant at its patched layer (see the module docstring).
+        engine: ``auto``, ``engine`` or ``hooks`` (see :class:`SweepConfig`).
+        dtype: None (exact, fp32) or ``bfloat16``/``float16`` (screening, engine only).
 
     Returns:
         A :class:`PatchResult`: scores ``[layer, pos]``, ``[layer, pos, head]``, ``[layer, head]``
-        or ``[layer]``.
+        or ``[layer]``; ``work`` says which path ran and how much it computed.
 
     Raises:
         InputError: clean/corrupt shapes differ, no metric for a token pair, a budget too small
-            for one variant, a clean-corrupt gap too small to normalise.
+            for one variant, a clean-corrupt gap too small to normalise, ``engine='engine'`` on a
+            model the engine cannot run.
         HookNameError: a site the sweep does not patch, or the model lacks (an MLP site on an
             attention-only model).
     """
     cfg = SweepConfig(site=site, by=by, direction=direction, max_bytes=max_bytes,
-                      resume=resume, progress=progress)  # fmt: skip
+                      resume=resume, engine=engine, dtype=dtype, progress=progress)  # fmt: skip
     clean, corrupt, task = sweep_inputs(model, cfg, task_or_pair, metric)
     n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
     b, n_pos = clean.shape
@@ -293,11 +424,15 @@ def patch_sweep(
 
     device = next(model.parameters()).device
     clean, corrupt = clean.to(device), corrupt.to(device)
-    sites = (cfg.site, "resid_pre") if cfg.resume and cfg.site != "resid_pre" else (cfg.site,)
-    clean_logits, clean_act = _trace(model, clean, sites)
-    corrupt_logits, corrupt_act = _trace(model, corrupt, sites)
+    eng, why = _engine_for(model, cfg)
+    runs: _Runs | str = _engine_runs(model, eng, cfg, clean, corrupt) if eng is not None else why or ""
+    if isinstance(runs, str):
+        if cfg.engine == "engine":
+            raise InputError(f"the patching engine cannot run this model: {runs}")
+        why, runs = runs, _hook_runs(model, cfg, clean, corrupt)
     denoise = cfg.direction == "denoise"
-    tokens, source, target = (corrupt, clean_act, corrupt_act) if denoise else (clean, corrupt_act, clean_act)
+    tokens = corrupt if denoise else clean
+    clean_logits, corrupt_logits = runs.logits
 
     if task is not None:
         rows = (task.answer.to(device), task.corrupt_answer.to(device), task.answer_pos.to(device))
@@ -316,12 +451,16 @@ def patch_sweep(
         name = getattr(metric, "__name__", "metric")
     m_clean, m_corrupt = float(raw(clean_logits)[0]), float(raw(corrupt_logits)[0])
     unpatched = m_corrupt if denoise else m_clean
+    target_logits = corrupt_logits if denoise else clean_logits
     del clean_logits, corrupt_logits
 
     variants = _variants(cfg, n_layers, n_pos, n_heads)
     after = int(task.answer_pos.max()) if task is not None and metric is None else n_pos
-    differs = {ly: _differs(source[f"{cfg.site}.{ly}"], target[f"{cfg.site}.{ly}"], cfg.by)
+    differs = {ly: _differs(runs.source[f"{cfg.site}.{ly}"], runs.target[f"{cfg.site}.{ly}"], cfg.by)
                for ly in range(n_layers)}  # fmt: skip
+    # by=all on the engine: where each position differs (to start each variant at the first)
+    pos_differs = {ly: runs.source[f"{cfg.site}.{ly}"].ne(runs.target[f"{cfg.site}.{ly}"]).any(-1).any(0)
+                   for ly in range(n_layers)} if cfg.by == "all" else {}  # fmt: skip
 
     def needed(v: Variant) -> bool:
         ly, pos, head = v
@@ -332,20 +471,28 @@ def patch_sweep(
 
     run = [v for v in variants if needed(v)]
     values: dict[Variant, float] = {}
-    forwards = rows_run = 0
+    forwards = rows_run = tokens_run = 0
+    t_eff = after + 1 if metric is None else n_pos  # later positions cannot change the metric
     bar = tqdm(total=len(run), desc=f"patch {cfg.site}", file=sys.stderr,
                disable=not cfg.progress, leave=False)  # fmt: skip
     try:
         for chunk in _chunks(run, per, cfg.resume):
             k = len(chunk)
-            with intervene(model, _specs(cfg.site, chunk, source, n_pos)):
-                if cfg.resume:
-                    resid = target[f"resid_pre.{chunk[0][0]}"]
-                    logits = model(resid.repeat(k, 1, 1), start_at_layer=chunk[0][0])
-                else:
-                    logits = model(tokens.repeat(k, 1))
-            vals = raw(logits).tolist()
-            del logits
+            if runs.engine is not None:
+                plan = _engine_plan(cfg, chunk, runs, b, t_eff, pos_differs)
+                vals = _engine_scores(runs, plan, k, b, task if metric is None else None,
+                                      raw, target_logits)  # fmt: skip
+                tokens_run += int((plan.lengths * (n_layers - plan.join_layer)).sum())
+            else:
+                with intervene(model, _specs(cfg.site, chunk, runs.source, n_pos)):
+                    if cfg.resume:
+                        resid = runs.target[f"resid_pre.{chunk[0][0]}"]
+                        logits = model(resid.repeat(k, 1, 1), start_at_layer=chunk[0][0])
+                    else:
+                        logits = model(tokens.repeat(k, 1))
+                vals = raw(logits).tolist()
+                del logits
+                tokens_run += k * b * n_pos * n_layers
             values.update(zip(chunk, vals, strict=True))
             forwards, rows_run = forwards + 1, rows_run + k * b
             bar.update(k)
@@ -359,9 +506,15 @@ def patch_sweep(
         scores = torch.as_tensor(normalised_patching(scores, m_clean, m_corrupt,
                                                           cast(Direction, cfg.direction)))
     u = len(variants)
+    naive = (u + 1) * b * n_pos * n_layers  # token-layers of one full forward per patch (+1 run)
     work = {"patches": u, "run": len(run), "skipped": u - len(run), "forwards": forwards + 2,
             "rows": rows_run + 2 * b, "chunk_variants": per,
-            "flops_vs_naive": (len(run) + 2) / (u + 1)}  # fmt: skip
+            "path": "engine" if runs.engine is not None else "hooks",
+            "engine_skipped_because": why if runs.engine is None else None,
+            "engine_max_logit_diff": runs.engine_diff,
+            "dtype": cfg.dtype or "float32",
+            "token_layers": tokens_run + 2 * b * n_pos * n_layers,
+            "flops_vs_naive": (tokens_run + 2 * b * n_pos * n_layers) / naive}  # fmt: skip
     return PatchResult(
         provenance=Provenance.of(model, {**asdict(cfg), "metric": name}),
         scores=scores, axes=axes, tokens=_labels(model, clean[0]), site=cfg.site,
@@ -370,6 +523,27 @@ def patch_sweep(
         prob_clean=probs[0] if task is not None else None,
         prob_corrupt=probs[1] if task is not None else None, work=work,
     )  # fmt: skip
+
+
+def _engine_scores(runs: _Runs, plan: Plan, k: int, b: int, task: TaskBatch | None,
+                   raw: Callable[[Tensor], Tensor], target_logits: Tensor) -> list[float]:  # fmt: skip
+    """The metric of each of the ``k`` variants of one engine chunk."""
+    eng = runs.engine
+    assert eng is not None and runs.caches is not None and runs.target_x is not None
+    x = eng.suffix(plan, runs.caches[1])
+    rows = torch.arange(k * b)
+    batch_row = rows % b
+    if task is not None:  # the default metric: two logits per row at its answer position
+        pos = task.answer_pos.to(torch.long).cpu()[batch_row]
+        cols = torch.stack([task.answer.cpu(), task.corrupt_answer.cpu()], 1)[batch_row]
+        fresh = pos >= plan.start  # else the position kept the target run's value
+        final = runs.target_x[batch_row, pos].to(x.dtype)
+        final[fresh] = x[plan.token(rows[fresh], pos[fresh])]
+        two = eng.logits(final, cols.to(final.device))
+        return (two[:, 0] - two[:, 1]).view(k, b).mean(1).tolist()
+    full = target_logits.repeat(k, 1, 1).clone()  # [k*b, pos, vocab]
+    full[plan.tok_row, plan.tok_pos] = eng.logits(x).to(full.dtype)
+    return raw(full).tolist()
 
 
 def _labels(model: Model, tokens: Int[Tensor, " pos"]) -> tuple[str, ...]:
@@ -384,9 +558,10 @@ def _labels(model: Model, tokens: Int[Tensor, " pos"]) -> tuple[str, ...]:
 
 
 def naive_flops_ratio(result: PatchResult) -> float:
-    """Forwards run (patched and the two source runs) per forward of the naive one-per-patch
-    loop; every forward here covers all layers (``resume`` does not skip any yet)."""
-    return float(result.work.get("flops_vs_naive", math.nan))
+    """Layer FLOPs of the sweep (patched rows and the two source runs; token-layers computed)
+    per FLOPs of the naive one-full-forward-per-patch loop."""
+    value = result.work.get("flops_vs_naive", math.nan)
+    return float(value) if isinstance(value, int | float) else math.nan
 
 
 __all__ = ["PATCH_SITES", "PatchResult", "PatchSite", "SweepConfig", "naive_flops_ratio",

@@ -66,7 +66,7 @@ class PatchResult(Result):
     n_skipped: int
     prob_clean: float | None = None
     prob_corrupt: float | None = None
-    work: Mapping[str, int | float] = field(default_factory=dict)
+    work: Mapping[str, int | float | str | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         super().__post_init__()
