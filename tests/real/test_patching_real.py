@@ -36,6 +36,8 @@ def test_resid_pre_sweep_over_five_layers_equals_transformer_lens(smollm2):
         smollm2, batch.corrupt, cache, lambda lg: (ld(lg) - k) / (c - k),
         patching.layer_pos_patch_setter, "resid_pre", index_df=idx,
     ).view(layers, batch.seq_len)  # fmt: skip
-    got = patch_sweep(smollm2, batch, site="resid_pre", progress=False).scores[:layers]
+    result = patch_sweep(smollm2, batch, site="resid_pre", progress=False)
+    assert result.work["path"] == "engine"  # the engine's own Llama forward, not the hooks
+    got = result.scores[:layers]
     err = float((got - want).abs().max())
     assert err <= 1e-4 * float(want.abs().max()) + 1e-5, err

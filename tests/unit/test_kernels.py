@@ -285,3 +285,24 @@ def test_benchmark_quick_mode_runs() -> None:
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert any(line.startswith("{") for line in out.stdout.splitlines())
+
+
+CUDA = torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not CUDA, reason="compiled Triton needs a CUDA device (the interpreter tests above cover the code on CPU)")
+@pytest.mark.parametrize("shape", [(3, 17, 5, 13), (5, 3, 7, 1), (1, 1, 1, 1), (3, 17, 5, 3, 13), (7, 2, 3, 5, 9)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_compiled_kernels_on_cuda_match_reference(shape, dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The public functions dispatch to compiled Triton on CUDA tensors and equal the reference."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("MECHSCOPE_KERNELS", raising=False)
+    variants, clean, positions, heads = _scatter_case(shape, dtype, 11, with_all=True)
+    expected = scatter_ref.scatter_patches(variants.clone(), clean, positions, heads)
+    out = variants.cuda()
+    scatter_patches(out, clean.cuda(), positions.cuda(), None if heads is None else heads.cuda())
+    assert torch.equal(out.cpu(), expected)
+    embeds, noise, mask = _noise_case(shape[:2] + shape[-1:], dtype, 12, short=False, per_row=False)
+    ref = add_subject_noise(embeds, noise, mask, 3.0)  # CPU tensors: the reference
+    got = add_subject_noise(embeds.cuda(), noise.cuda(), mask.cuda(), 3.0).cpu()
+    torch.testing.assert_close(got, ref)

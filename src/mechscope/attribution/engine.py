@@ -443,8 +443,8 @@ def agrees(engine_logits: Tensor, bridge_logits: Tensor) -> tuple[bool, float]:
     """Is the engine's unpatched run the bridge's? ``max|a - b| <= 1e-4 * max|b| + 1e-5`` (the
     fp32 gate of PERFORMANCE.md, applied loosened 10x for a reduced-precision engine is up to
     the caller). Returns the verdict and the max difference."""
-    diff = float((engine_logits.float() - bridge_logits.float()).abs().max())
-    scale = float(bridge_logits.float().abs().max())
+    diff = float((engine_logits.detach().float() - bridge_logits.detach().float()).abs().max())
+    scale = float(bridge_logits.detach().float().abs().max())
     return (math.isfinite(diff) and diff <= 1e-4 * scale + 1e-5), diff
 
 
