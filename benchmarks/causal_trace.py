@@ -141,7 +141,7 @@ def main() -> None:
         model = load("smollm2")
         text = "The Eiffel Tower is located in the city of"
         tokens = model.to_tokens(text, truncate=False, move_to_device=False)[0]
-        from mechscope.attribution.causal_trace import _subject_span
+        from mechscope.attribution.prompts import _subject_span
 
         span = _subject_span(model, tokens, "The Eiffel Tower")
         case(model, "smollm2", tokens, span, " Paris", "hidden", args.smollm2_reps, False, ceiling,

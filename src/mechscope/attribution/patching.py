@@ -8,30 +8,33 @@ position (x head) of one site. The numbers are TransformerLens's ``patching.get_
 (the test oracle), which runs one forward per patch; this engine computes the same ones with less
 overhead:
 
-1. batching: V patched variants are stacked on the batch axis (V x B rows per forward), each with
-   its own selection mask, written by one :class:`~mechscope.probes.Apply` per layer through
-   :func:`~mechscope.probes.intervene` (``torch.where(mask, source, act)``: unselected entries are
-   untouched bit for bit). The source is broadcast, never copied V times. Chunks are sized under a
-   memory budget (``max_bytes``, the tracer's default: ``$MECHSCOPE_MAX_BYTES`` else 4 GiB).
-2. exact no-ops are skipped: a patch whose source equals the activation it replaces bit for bit
-   (positions before the first clean/corrupt difference, ``resid_pre`` of layer 0 where tokens
-   agree, dead heads), and, with the default answer-position metric, a patch after every row's
-   scored position (causal attention), leaves the run unchanged; its score is the unpatched
-   run's, exactly (0 when normalised). The count is reported.
-3. the metric is reduced per chunk: with the default metric only the logits at ``answer_pos``
-   are read, and no chunk's logits outlive it.
+1. the engine (:mod:`mechscope.attribution.engine`, the default where it knows the model): a
+   forward of our own over the bridge's weights, checked against the bridge's logits before use
+   (fp32 gate of PERFORMANCE.md; else the hooks below run). Each patched variant *joins* the
+   forward at its patched layer and stage and computes only positions >= its patched position,
+   with the target run's keys/values for the positions before (a causal model leaves them
+   unchanged), so a sweep costs about the floor of PERFORMANCE.md instead of one full forward per
+   patch. Variants of every layer share one forward (rows join as the layers go by) under the
+   memory budget (``max_bytes``; ``$MECHSCOPE_MAX_BYTES`` else 4 GiB). With the default metric
+   only the two logits it reads are computed (the unembedding rows of the answer and the corrupt
+   answer at ``answer_pos``), and positions after the last ``answer_pos`` are never computed.
+   ``dtype="bfloat16"`` runs the same sweep on a bf16 copy of the weights: a screen, not an
+   exact result.
+2. the hook path (``engine="hooks"``, and the fallback): V variants stacked on the batch axis,
+   each with its own selection mask, written by one :class:`~mechscope.probes.Apply` per layer
+   through :func:`~mechscope.probes.intervene` (``torch.where(mask, source, act)``). ``resume``
+   starts at the patched layer through the bridge's ``start_at_layer``, which in TransformerLens
+   4.3 still executes the blocks below (exact, no FLOPs saved; off by default).
+3. exact no-ops are skipped on both paths: a patch whose source equals the activation it
+   replaces bit for bit (positions before the first clean/corrupt difference, ``resid_pre`` of
+   layer 0 where tokens agree, dead heads), and, with the default answer-position metric, a patch
+   after every row's scored position (causal attention) or at the last layer after its attention
+   at a position no row scores; its score is the unpatched run's, exactly (0 when normalised).
+   The count is reported (``n_skipped``), and ``work`` says which path ran, why the engine did
+   not, and the layer FLOPs relative to the naive loop (``flops_vs_naive``).
 
-Caveats. ``resume=True`` starts each variant at its patched layer through the bridge's
-``forward(resid, start_at_layer=l)``, fed the target run's ``resid_pre`` of layer ``l``. It is
-exact (tests compare it with a full forward), but in TransformerLens 4.3 the bridge still executes
-blocks ``0..l-1`` (on the injected residual, then discards them), so it saves no FLOPs yet and is
-off by default. Right-padded rows are run without an attention mask, as the oracle does (harmless
-for a causal model's real tokens).
-
-TODO(next step): reuse the target run's keys/values for positions before the patched one (a
-causal model computes them unchanged) and run only positions >= p, another ~2T/(T+1) fewer FLOPs;
-not done because the bridge's ``past_key_values`` path is not exact against a full forward in
-TransformerLens 4.3, and the engine must equal the oracle.
+Right-padded rows are run without an attention mask, as the oracle does (harmless for a causal
+model's real tokens).
 
 >>> import torch
 >>> from mechscope.models import load
@@ -462,9 +465,15 @@ def patch_sweep(
     pos_differs = {ly: runs.source[f"{cfg.site}.{ly}"].ne(runs.target[f"{cfg.site}.{ly}"]).any(-1).any(0)
                    for ly in range(n_layers)} if cfg.by == "all" else {}  # fmt: skip
 
+    # with the default metric only the answer positions are read: a patch after the last
+    # attention (the last layer's sites but resid_pre) elsewhere cannot reach them
+    read = set(task.answer_pos.tolist()) if task is not None and metric is None else set(range(n_pos))
+
     def needed(v: Variant) -> bool:
         ly, pos, head = v
         if pos is not None and pos > after:
+            return False
+        if pos is not None and pos not in read and ly == n_layers - 1 and cfg.site != "resid_pre":
             return False
         d = differs[ly] if pos is None else differs[ly][pos]
         return bool(d if head is None else d[head])
