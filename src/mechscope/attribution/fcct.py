@@ -71,6 +71,7 @@ from mechscope.attribution.causal_trace import (
     prepare_trace,
     restore_probs,
 )
+from mechscope.attribution.prompts import text_span
 from mechscope.errors import InputError
 from mechscope.probes.sites import check_site_on_model
 from mechscope.results import Provenance, Result
@@ -159,23 +160,6 @@ def _decoded(model: Model, ids: Tensor) -> list[str] | None:
     return [str(tok.decode([int(i)])) for i in ids]
 
 
-def _text_span(pieces: list[str], text: str, name: str) -> tuple[int, int]:
-    whole = "".join(pieces)
-    at = whole.find(text)
-    if at < 0:
-        raise InputError(f"group {name!r}: {text!r} is not in the prompt's decoded tokens "
-                         f"{whole!r}; check spelling and spaces, or give a (start, end) token "
-                         "span")  # fmt: skip
-    ends, total = [], 0
-    for p in pieces:
-        total += len(p)
-        ends.append(total)
-    n = len(pieces)
-    start = next(k for k in range(n) if ends[k] > at)
-    end = next(k for k in range(n) if ends[k] >= at + len(text)) + 1
-    return start, end
-
-
 def resolve_groups(model: Model, tokens: Tensor, groups: Mapping[str, GroupSpec]) -> dict[str, tuple[int, int]]:
     """Token spans of named groups, checked: non-empty, inside the prompt, pairwise disjoint.
 
@@ -201,7 +185,7 @@ def resolve_groups(model: Model, tokens: Tensor, groups: Mapping[str, GroupSpec]
                 if pieces is None:
                     raise InputError(f"group {name!r} is text but this model has no tokenizer; "
                                      "give a (start, end) token span")  # fmt: skip
-            out[name] = _text_span(pieces, spec, name)
+            out[name] = text_span(pieces, spec, f"group {name!r}: {spec!r}")
             continue
         if not (isinstance(spec, tuple | list) and len(spec) == 2
                 and all(isinstance(x, int) and not isinstance(x, bool) for x in spec)):

@@ -54,23 +54,35 @@ def _prompt_ids(model: Model, prompt: str | Sequence[int] | Tensor) -> Tensor:
     return ids
 
 
+def text_span(pieces: list[str], text: str, what: str) -> tuple[int, int]:
+    """The token span ``(start, end)`` covering the first occurrence of ``text`` in the decoded
+    tokens ``pieces`` (a token partly inside counts).
+
+    >>> text_span(["The", " Eiffel", " Tower", " is"], "Eiffel Tower", "subject")
+    (1, 3)
+    """
+    whole = "".join(pieces)
+    at = whole.find(text)
+    if at < 0:
+        raise InputError(f"{what} not found in the prompt's decoded tokens {whole!r}; check "
+                         "spelling and spaces, or pass a (start, end) token span")  # fmt: skip
+    ends, total = [], 0
+    for piece in pieces:
+        total += len(piece)
+        ends.append(total)
+    n = len(pieces)
+    start = next(k for k in range(n) if ends[k] > at)
+    end = next(k for k in range(n) if ends[k] >= at + len(text)) + 1
+    return start, end
+
+
 def _subject_span(model: Model, ids: Tensor, subject: str | tuple[int, int]) -> tuple[int, int]:
     n = ids.numel()
     if isinstance(subject, str):
         if not subject.strip():
             raise InputError("the subject is empty; give its text or a (start, end) token span")
         tok = _tokenizer(model, "the subject")
-        pieces = [str(tok.decode([int(i)])) for i in ids]
-        whole = "".join(pieces)
-        at = whole.find(subject)
-        if at < 0:
-            raise InputError(f"subject {subject!r} not found in the prompt's decoded tokens "
-                             f"{whole!r}; check spelling and spaces, or pass a (start, end) "
-                             "token span")  # fmt: skip
-        ends = [sum(len(p) for p in pieces[: k + 1]) for k in range(n)]
-        start = next(k for k in range(n) if ends[k] > at)
-        end = next(k for k in range(n) if ends[k] >= at + len(subject)) + 1
-        return start, end
+        return text_span([str(tok.decode([int(i)])) for i in ids], subject, f"subject {subject!r}")
     if not (isinstance(subject, tuple | list) and len(subject) == 2
             and all(isinstance(x, int) and not isinstance(x, bool) for x in subject)):
         raise InputError(f"subject must be its text or a (start, end) token span, got {subject!r}")
