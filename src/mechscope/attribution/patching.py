@@ -293,17 +293,15 @@ def _engine_runs(model: Model, eng: Engine, cfg: SweepConfig, clean: Tensor,
                  corrupt: Tensor) -> _Runs | str:  # fmt: skip
     """Both runs through the engine (from the bridge's layer-0 input), checked against the
     bridge's logits; a string says why the engine is not used."""
-    with Tracer(model, sites=("resid_pre",), layers=(0,), batch_size=len(clean)) as tracer:
-        bridge_clean, t_clean = tracer.forward(clean)
-        bridge_corrupt, t_corrupt = tracer.forward(corrupt)
-    caches, finals, logits = [], [], []
-    for trace in (t_clean, t_corrupt):
-        cache, x = eng.full(trace.get("resid_pre", 0).to(clean.device))
-        caches.append(cache)
-        finals.append(x)
-        logits.append(eng.logits(x.reshape(-1, x.shape[-1])).view(*x.shape[:2], -1))
-    diff = max(agrees(lg, br)[1] for lg, br in zip(logits, (bridge_clean, bridge_corrupt), strict=True))
-    ok = all(agrees(lg, br)[0] for lg, br in zip(logits, (bridge_clean, bridge_corrupt), strict=True))
+    b = len(clean)
+    with Tracer(model, sites=("resid_pre",), layers=(0,), batch_size=2 * b) as tracer:
+        bridge, trace = tracer.forward(torch.cat([clean, corrupt]))  # one forward for both runs
+    both, x = eng.full(trace.get("resid_pre", 0).to(clean.device))
+    own = eng.logits(x.reshape(-1, x.shape[-1])).view(*x.shape[:2], -1)
+    ok, diff = agrees(own, bridge)
+    caches = [both.rows(slice(0, b)), both.rows(slice(b, 2 * b))]
+    finals = [x[:b], x[b:]]
+    logits = [own[:b], own[b:]]
     if not ok and cfg.dtype in (None, "float32"):
         return f"its unpatched logits differ from the bridge's by {diff:.3g} (over the fp32 gate)"
     stage = SITE_STAGE[cfg.site]

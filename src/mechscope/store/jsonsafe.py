@@ -12,6 +12,7 @@ import json
 import math
 import platform
 import sys
+import functools
 from collections.abc import Mapping, Sequence
 from contextlib import suppress
 from pathlib import PurePath
@@ -23,7 +24,12 @@ from mechscope.errors import InputError
 
 
 def package_versions() -> dict[str, str]:
-    """Versions of the packages a result depends on."""
+    """Versions of the packages a result depends on (read once per process)."""
+    return dict(_package_versions())
+
+
+@functools.cache
+def _package_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
