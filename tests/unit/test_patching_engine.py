@@ -211,3 +211,17 @@ def test_benchmark_quick_runs():
                          capture_output=True, text=True, timeout=120, cwd=ROOT)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert '"gate": "pass"' in out.stdout
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_zoo_facts_mlp_sites_equal_transformer_lens(direction):
+    """The MLP sites (resid_mid, mlp_out) on a zoo model that has MLPs, through the engine."""
+    from mechscope.models.zoo.data import facts_eval
+    from mechscope.models.zoo.recipes import RECIPES
+
+    model = load("zoo:facts")
+    batch = facts_eval(RECIPES["facts"], 8, seed=0)[-1]
+    for site in ("resid_mid", "mlp_out", "resid_pre", "heads"):
+        r = patch_sweep(model, batch, site=site, direction=direction, progress=False)
+        assert r.work["path"] == "engine"
+        _gate(r.scores, oracle(model, batch, site, "position", direction))
