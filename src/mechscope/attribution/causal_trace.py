@@ -312,6 +312,12 @@ def _specs(setup: TraceSetup, chunk: Sequence[Variant]) -> list[Intervention]:
 
 
 def _is_noop(setup: TraceSetup, variant: Variant) -> bool:
+    """A restore changes nothing when every restored position precedes the subject (a causal
+    model computes them from the same tokens in both runs: equal in exact arithmetic, though a
+    batched forward may round them differently), or when what it writes equals bit for bit what
+    is there."""
+    if all(max(positions) < setup.span[0] for _, _, positions in variant[0]):
+        return True
     for site, layer, positions in variant[0]:
         key, idx = f"{site}.{layer}", list(positions)
         if not torch.equal(setup.clean[key][:, idx].expand_as(setup.corrupt[key][:, idx]),

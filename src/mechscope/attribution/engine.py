@@ -84,7 +84,7 @@ class RunCache:
     def n_pos(self) -> int:
         return int(self.k.shape[2])
 
-    def rows(self, which: slice) -> RunCache:
+    def select_rows(self, which: slice) -> RunCache:
         """The cache of some rows (views, no copy)."""
         return RunCache(acts={k: v[:, which] for k, v in self.acts.items()}, k=self.k[:, which],
                         v=self.v[:, which])  # fmt: skip

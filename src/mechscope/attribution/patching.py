@@ -299,7 +299,7 @@ def _engine_runs(model: Model, eng: Engine, cfg: SweepConfig, clean: Tensor,
     both, x = eng.full(trace.get("resid_pre", 0).to(clean.device))
     own = eng.logits(x.reshape(-1, x.shape[-1])).view(*x.shape[:2], -1)
     ok, diff = agrees(own, bridge)
-    caches = [both.rows(slice(0, b)), both.rows(slice(b, 2 * b))]
+    caches = [both.select_rows(slice(0, b)), both.select_rows(slice(b, 2 * b))]
     finals = [x[:b], x[b:]]
     logits = [own[:b], own[b:]]
     if not ok and cfg.dtype in (None, "float32"):

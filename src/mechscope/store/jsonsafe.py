@@ -8,11 +8,11 @@ the result and the path of the value (table cells map NaN to ``None``, a missing
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import platform
 import sys
-import functools
 from collections.abc import Mapping, Sequence
 from contextlib import suppress
 from pathlib import PurePath
