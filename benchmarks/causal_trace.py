@@ -105,7 +105,8 @@ def case(model, name, tokens, span, target, kind, reps, quick, ceiling, samples=
         row |= {"R": reps, "peer_s": {"median": statistics.median(tp), "min": min(tp), "max": max(tp)},
                 "ours_s": {"median": statistics.median(to), "min": min(to), "max": max(to)},
                 "ratio_peer_over_ours": statistics.median(tp) / statistics.median(to),
-                "ours_gflops": f1 * got.work["rows"] / statistics.median(to) / 1e9,
+                "ours_gflops": f1 * got.work.get("flops_vs_naive", 1.0) * row["rows_peer"] / statistics.median(to) / 1e9,
+                "flops_vs_naive": got.work.get("flops_vs_naive"), "path": got.work.get("path"),
                 "peer_gflops": f1 * row["rows_peer"] / statistics.median(tp) / 1e9,
                 "matmul_2048_fp32_gflops": ceiling}  # fmt: skip
     print(json.dumps(row), flush=True)
@@ -119,6 +120,8 @@ def main() -> None:
     ap.add_argument("--smollm2-reps", type=int, default=5)
     ap.add_argument("--skip-smollm2", action="store_true")
     ap.add_argument("--skip-zoo", action="store_true")
+    ap.add_argument("--smollm2-samples", type=int, default=10, help="noise samples (ROME: 10)")
+    ap.add_argument("--smollm2-kinds", default="hidden", help="comma-separated: hidden,mlp,attn")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     if args.quick:
@@ -144,8 +147,9 @@ def main() -> None:
         from mechscope.attribution.prompts import _subject_span
 
         span = _subject_span(model, tokens, "The Eiffel Tower")
-        case(model, "smollm2", tokens, span, " Paris", "hidden", args.smollm2_reps, False, ceiling,
-             samples=3)  # fmt: skip
+        for kind in args.smollm2_kinds.split(","):
+            case(model, "smollm2", tokens, span, " Paris", kind, args.smollm2_reps, False, ceiling,
+                 samples=args.smollm2_samples)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -94,6 +94,56 @@ def case(model, name: str, batch: TaskBatch, site: str, reps: int, quick: bool, 
     return row
 
 
+def heads_extrapolated(model, batch: TaskBatch, reps: int, ceiling: float, peer_layers: int = 2) -> dict:
+    """SmolLM2's head x position sweep: the peer's full grid is L*T*H (~4,000) forwards (~8 min a
+    repetition), so the peer runs the first ``peer_layers`` layers (every position and head) and
+    its time is scaled by patches (each of its patches is one full forward: linear in patches).
+    The gate compares those layers."""
+    import itertools
+
+    import pandas as pd
+
+    with torch.no_grad():
+        c, k = float(_ld(batch, model(batch.clean))), float(_ld(batch, model(batch.corrupt)))
+        _, cache = model.run_with_cache(batch.clean)
+    L, H = int(model.cfg.n_layers), int(model.cfg.n_heads)
+    n_pos = batch.clean.shape[1]
+    idx = pd.DataFrame(list(itertools.product(range(peer_layers), range(n_pos), range(H))),
+                       columns=["layer", "pos", "head"])  # fmt: skip
+
+    def peer():
+        return patching.generic_activation_patch(
+            model, batch.corrupt, cache, lambda lg: (_ld(batch, lg) - k) / (c - k),
+            patching.layer_pos_head_vector_patch_setter, "z", index_df=idx,
+        ).view(peer_layers, n_pos, H)  # fmt: skip
+
+    def ours():
+        return patch_sweep(model, batch, site="heads", progress=False)
+
+    want, got = peer(), ours()
+    err = float((got.scores[:peer_layers].double() - want.double()).abs().max())
+    tol = 1e-4 * float(want.abs().max()) + 1e-5
+    row = {"case": "smollm2:heads", "peer": "transformer_lens.patching (z, by position), timed on "
+           f"{peer_layers} of {L} layers and scaled by patches", "gate": "pass" if err <= tol else "FAIL",
+           "max_abs_err": err, "tol": tol, "U": got.n_patches, "skipped": got.n_skipped,
+           "peer_patches_timed": len(idx), "path": got.work["path"],
+           "flops_vs_naive": got.work["flops_vs_naive"],
+           "method_flops_vs_floor": got.work["token_layers"] / floor_token_layers(got, L, n_pos, 1)}  # fmt: skip
+    if err > tol:
+        print(json.dumps(row), flush=True)
+        sys.exit(1)
+    tp, to = [], []
+    for _ in range(reps):
+        tp.append(_time(peer) * got.n_patches / len(idx))
+        to.append(_time(ours))
+    row |= {"R": reps, "peer_s_scaled": {"median": statistics.median(tp), "min": min(tp), "max": max(tp)},
+            "ours_s": {"median": statistics.median(to), "min": min(to), "max": max(to)},
+            "ratio_peer_over_ours": statistics.median(tp) / statistics.median(to),
+            "matmul_2048_fp32_gflops": ceiling}  # fmt: skip
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def floor_token_layers(result, n_layers: int, n_pos: int, batch: int) -> float:
     """PERFORMANCE.md's floor: every patch of the grid from its layer on, at positions >= its
     own (token-layers; + the two unpatched runs)."""
@@ -161,6 +211,7 @@ def main() -> None:
         batch = smollm2_batch(model)
         # the peer's head sweep is L*T*H = ~4000 forwards a repetition: resid_pre only here
         case(model, "smollm2", batch, "resid_pre", args.smollm2_reps, False, ceiling)
+        heads_extrapolated(model, batch, args.smollm2_reps, ceiling)
 
 
 if __name__ == "__main__":
