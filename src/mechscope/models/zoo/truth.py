@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mechscope.circuits.attention import uniform_attention
 from mechscope.metrics import MIN_GAP, Direction, logit_diff, normalised_patching
 from mechscope.models.zoo.data import EVAL_BATCHES, PATCH_BATCHES, PATCH_CORRUPTION
 from mechscope.models.zoo.groundtruth import (
@@ -114,29 +115,6 @@ def accuracy(
             right += b.accuracy(model(b.clean)) * b.batch_size
         total += b.batch_size
     return right / total
-
-
-def _uniform(pattern: Tensor) -> Tensor:  # [batch, head, query, key]
-    q, k = pattern.shape[-2:]
-    causal = torch.ones(q, k, dtype=pattern.dtype, device=pattern.device).tril()
-    return (causal / causal.sum(-1, keepdim=True)).expand_as(pattern)
-
-
-def uniform_attention(heads: Heads, positions: Tensor | None = None) -> list[Intervention]:
-    """Interventions that make each head's attention uniform over the keys each query can see.
-
-    Args:
-        heads: ``(layer, head)`` pairs.
-        positions: query positions ``[batch, n_pos]`` to ablate (None: every query).
-
-    >>> [(s.layer, s.heads) for s in uniform_attention([(1, 0), (1, 2), (0, 3)])]
-    [(0, (3,)), (1, (0, 2))]
-    """
-    by_layer: dict[int, list[int]] = {}
-    for layer, head in heads:
-        by_layer.setdefault(int(layer), []).append(int(head))
-    return [Apply(site="patterns", layer=layer, heads=tuple(hs), positions=positions, fn=_uniform)
-            for layer, hs in sorted(by_layer.items())]  # fmt: skip
 
 
 def dead_heads(model: Model) -> set[tuple[int, int]]:
