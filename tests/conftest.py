@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import weakref
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -137,3 +138,33 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "/tests/real/" in str(item.fspath).replace(os.sep, "/"):
             item.add_marker(pytest.mark.real)
+
+
+class CLI:
+    """Run ``mechscope`` in-process: ``run`` expects an exit (returns code, stdout, stderr),
+    ``json`` expects success and parses the one JSON object on stdout."""
+
+    def __init__(self, capsys: pytest.CaptureFixture[str]) -> None:
+        self.capsys = capsys
+
+    def run(self, *argv: str) -> tuple[int | str | None, str, str]:
+        from mechscope.cli import main
+
+        with pytest.raises(SystemExit) as info:
+            main(list(argv))
+        out = self.capsys.readouterr()
+        return info.value.code, out.out, out.err
+
+    def json(self, *argv: str) -> Any:
+        import json
+
+        from mechscope.cli import main
+
+        main(list(argv))
+        return json.loads(self.capsys.readouterr().out)
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> CLI:
+    """The command line, run in-process (see :class:`CLI`)."""
+    return CLI(capsys)

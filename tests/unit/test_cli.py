@@ -13,13 +13,6 @@ from mechscope.cli import main
 TINY = "native:n_layers=2,d_model=32,n_heads=4,d_head=8,d_mlp=64,d_vocab=50,n_ctx=32"
 
 
-def _run(capsys, *argv):
-    with pytest.raises(SystemExit) as info:
-        main(list(argv))
-    out = capsys.readouterr()
-    return info.value.code, out.out, out.err
-
-
 def _ok(capsys, *argv):
     main(list(argv))
     out = capsys.readouterr()
@@ -57,14 +50,14 @@ def test_trace_json_with_token_ids(capsys, tmp_path):
         (["zoo", "train", "no-such-recipe", "--steps", "1"], "no-such-recipe"),
     ],
 )
-def test_bad_input_exits_2_with_one_line(capsys, argv, words):
-    code, out, err = _run(capsys, *argv)
+def test_bad_input_exits_2_with_one_line(cli, argv, words):
+    code, out, err = cli.run(*argv)
     assert code == 2 and out == ""
     assert err.startswith("error: ") and words in err
 
 
-def test_out_folder_that_exists_is_refused(capsys, tmp_path):
-    code, _, err = _run(capsys, "trace", TINY, "--tokens", "1,2", "--out", str(tmp_path))
+def test_out_folder_that_exists_is_refused(cli, tmp_path):
+    code, _, err = cli.run("trace", TINY, "--tokens", "1,2", "--out", str(tmp_path))
     assert code == 2 and "exists" in err
 
 
@@ -130,12 +123,12 @@ def no_smollm2(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["file", "missing", "missing-under-a-file", "plain-folder"])
-def test_runs_hint_works_when_followed(capsys, tmp_path, no_smollm2, case):
+def test_runs_hint_works_when_followed(cli, capsys, tmp_path, no_smollm2, case):
     (tmp_path / "notes.txt").write_text("not a store")
     (tmp_path / "plain").mkdir()
     store = {"file": "notes.txt", "missing": "new/store", "missing-under-a-file": "notes.txt/s",
              "plain-folder": "plain"}[case]
-    code, out, err = _run(capsys, "runs", "--store", store)
+    code, out, err = cli.run("runs", "--store", store)
     assert code == 2 and out == "" and err.startswith("error: ") and err.count("\n") == 1
     if case == "file":
         assert "is a file" in err and "folder" in err
@@ -148,19 +141,19 @@ def test_runs_hint_works_when_followed(capsys, tmp_path, no_smollm2, case):
     assert (tmp_path / "notes.txt").read_text() == "not a store"
 
 
-def test_demo_on_a_file_suggests_a_folder_that_works(capsys, tmp_path, no_smollm2):
+def test_demo_on_a_file_suggests_a_folder_that_works(cli, capsys, tmp_path, no_smollm2):
     (tmp_path / "notes.txt").write_text("x")
-    code, _, err = _run(capsys, "demo", "--model", TINY, "--store", "notes.txt")
+    code, _, err = cli.run("demo", "--model", TINY, "--store", "notes.txt")
     assert code == 2 and "is a file" in err
     folder = err.split("--store ")[-1].strip()
     _ok(capsys, "demo", "--model", TINY, "--store", folder)
     assert (tmp_path / folder / "store.db").is_file()
 
 
-def test_unknown_zoo_model_hint_names_what_works(capsys, tmp_path):
+def test_unknown_zoo_model_hint_names_what_works(cli, capsys, tmp_path):
     from mechscope.models.zoo import RECIPES, zoo_names
 
-    code, _, err = _run(capsys, "trace", "zoo:nope", "--tokens", "1,2")
+    code, _, err = cli.run("trace", "zoo:nope", "--tokens", "1,2")
     assert code == 2 and "unknown zoo model 'nope'" in err
     assert "zoo train nope" not in err  # there is no such recipe
     for name in zoo_names():
@@ -235,14 +228,14 @@ def test_zoo_train_writes_to_the_cache_never_the_package(capsys, tmp_path, monke
 
 
 @pytest.mark.parametrize("where", ["checkpoints", "checkpoints/induction", "package"])
-def test_zoo_train_refuses_the_package(capsys, where):
+def test_zoo_train_refuses_the_package(cli, where):
     import mechscope
     from mechscope.models.zoo import CHECKPOINTS
 
     target = {"checkpoints": CHECKPOINTS, "checkpoints/induction": CHECKPOINTS / "induction",
               "package": Path(mechscope.__file__).parent}[where]
     shipped = _tree_digest(CHECKPOINTS)
-    code, out, err = _run(capsys, "zoo", "train", "induction", "--steps", "1", "--out", str(target))
+    code, out, err = cli.run("zoo", "train", "induction", "--steps", "1", "--out", str(target))
     assert code == 2 and out == "" and "inside the mechscope package" in err
     assert _tree_digest(CHECKPOINTS) == shipped
 
@@ -292,15 +285,15 @@ def test_demo_keeps_the_global_generator_and_times_consistently(tmp_path):
     assert again["patching"] == summary["patching"]
 
 
-def test_demo_with_an_unknown_model_creates_no_store(capsys, tmp_path):
-    code, _, err = _run(capsys, "demo", "--model", "no-such-model", "--store", str(tmp_path / "s"))
+def test_demo_with_an_unknown_model_creates_no_store(cli, tmp_path):
+    code, _, err = cli.run("demo", "--model", "no-such-model", "--store", str(tmp_path / "s"))
     assert code == 2 and "unknown model spec" in err
     assert not (tmp_path / "s").exists()
 
 
-def test_zoo_train_never_replaces_a_folder_that_is_not_a_checkpoint(capsys, tmp_path):
+def test_zoo_train_never_replaces_a_folder_that_is_not_a_checkpoint(cli, tmp_path):
     (tmp_path / "induction").mkdir()
     (tmp_path / "induction" / "thesis.tex").write_text("years of work")
-    code, _, err = _run(capsys, "zoo", "train", "induction", "--steps", "1", "--out", str(tmp_path))
+    code, _, err = cli.run("zoo", "train", "induction", "--steps", "1", "--out", str(tmp_path))
     assert code == 2 and "not a zoo checkpoint" in err
     assert (tmp_path / "induction" / "thesis.tex").read_text() == "years of work"

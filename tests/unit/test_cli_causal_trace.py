@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -15,21 +13,9 @@ TINY = "native:n_layers=2,d_model=16,n_heads=2,d_head=8,d_mlp=32,d_vocab=11,n_ct
 PROMPT = "1,2,3,4,5"
 
 
-def _run(capsys, *argv):
-    with pytest.raises(SystemExit) as info:
-        main(list(argv))
-    out = capsys.readouterr()
-    return info.value.code, out.out, out.err
-
-
-def _json(capsys, *argv):
-    main(list(argv))
-    return json.loads(capsys.readouterr().out)
-
-
 @pytest.mark.parametrize("kind", ["hidden", "mlp", "attn"])
-def test_json_gives_the_library_numbers(capsys, kind):
-    data = _json(capsys, "causal-trace", TINY, "--prompt-tokens", PROMPT, "--subject-span", "1:3",
+def test_json_gives_the_library_numbers(cli, kind):
+    data = cli.json("causal-trace", TINY, "--prompt-tokens", PROMPT, "--subject-span", "1:3",
                  "--kind", kind, "--samples", "3", "--window", "2", "--seed", "1", "--json")
     ref = causal_trace(load(TINY), [1, 2, 3, 4, 5], (1, 3), kind=kind, samples=3, window=2,
                        seed=1, progress=False)
@@ -46,11 +32,11 @@ def test_json_gives_the_library_numbers(capsys, kind):
     assert data["run_id"] is None
 
 
-def test_target_severed_and_store(capsys, tmp_path):
+def test_target_severed_and_store(cli, tmp_path):
     from mechscope.attribution import CausalTraceResult
     from mechscope.store import Store
 
-    data = _json(capsys, "causal-trace", TINY, "--prompt-tokens", PROMPT, "--subject-span", "1:3",
+    data = cli.json("causal-trace", TINY, "--prompt-tokens", PROMPT, "--subject-span", "1:3",
                  "--target", "7", "--severed", "mlp", "--samples", "2", "--noise", "5",
                  "--store", str(tmp_path / "s"), "--json")
     assert data["target"] == 7 and data["severed"] == "mlp" and data["noise"] == 5.0
@@ -94,16 +80,16 @@ def test_help(capsys):
         (["--prompt-tokens", PROMPT, "--subject-span", "1:3", "--samples", "0"], "--samples"),
     ],
 )
-def test_bad_input_exits_2_with_one_line_and_writes_nothing(capsys, tmp_path, argv, words):
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(cli, tmp_path, argv, words):
     store = tmp_path / "s"
-    code, out, err = _run(capsys, "causal-trace", TINY, *argv, "--store", str(store))
+    code, out, err = cli.run("causal-trace", TINY, *argv, "--store", str(store))
     assert code == 2 and out == ""
     assert err.startswith("error: ") and words in err and err.count("\n") == 1
     assert not store.exists()
 
 
-def test_unknown_model_spec(capsys, tmp_path):
-    code, out, err = _run(capsys, "causal-trace", "no-such-model", "--prompt", "a b",
+def test_unknown_model_spec(cli, tmp_path):
+    code, out, err = cli.run("causal-trace", "no-such-model", "--prompt", "a b",
                           "--subject", "a", "--store", str(tmp_path / "s"))
     assert code == 2 and out == "" and "unknown model spec" in err and err.count("\n") == 1
     assert not (tmp_path / "s").exists()
@@ -122,17 +108,17 @@ class _Tok:
         return "".join(chr(97 + int(i)) for i in ids)
 
 
-def test_text_errors_with_a_tokenizer(capsys, monkeypatch):
+def test_text_errors_with_a_tokenizer(cli, monkeypatch):
     """Subject not in the prompt and a multi-token target, on a model with a (toy) tokenizer."""
     import mechscope.models as models
 
     model = load(TINY)
     model.tokenizer = _Tok()
     monkeypatch.setattr(models, "load", lambda spec: model)
-    code, out, err = _run(capsys, "causal-trace", TINY, "--prompt-tokens", PROMPT,
+    code, out, err = cli.run("causal-trace", TINY, "--prompt-tokens", PROMPT,
                           "--subject", "zz")
     assert code == 2 and "subject 'zz' not found" in err and "--subject-span START:END" in err
     assert err.count("\n") == 1
-    code, out, err = _run(capsys, "causal-trace", TINY, "--prompt-tokens", PROMPT,
+    code, out, err = cli.run("causal-trace", TINY, "--prompt-tokens", PROMPT,
                           "--subject", "cd", "--target", "ab")
     assert code == 2 and "not a single token" in err and err.count("\n") == 1

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -15,18 +13,6 @@ from mechscope.tasks.base import TaskBatch
 
 TINY = "native:n_layers=2,d_model=32,n_heads=4,d_head=8,d_mlp=64,d_vocab=50,n_ctx=32"
 CLEAN, CORRUPT = "1,2,3,4,5,6", "1,2,11,4,5,6"
-
-
-def _run(capsys, *argv):
-    with pytest.raises(SystemExit) as info:
-        main(list(argv))
-    out = capsys.readouterr()
-    return info.value.code, out.out, out.err
-
-
-def _json(capsys, *argv):
-    main(list(argv))
-    return json.loads(capsys.readouterr().out)
 
 
 def _task(model, clean, corrupt, answer=None, wrong=None):
@@ -43,8 +29,8 @@ def _task(model, clean, corrupt, answer=None, wrong=None):
 @pytest.mark.parametrize("site,by,direction", [("resid_pre", "position", "denoise"),
                                                ("heads", "position", "noise"),
                                                ("attn_out", "all", "denoise")])
-def test_json_on_tiny_gives_the_engine_numbers(capsys, method, site, by, direction):
-    data = _json(capsys, "patch", TINY, "--clean-tokens", CLEAN, "--corrupt-tokens", CORRUPT,
+def test_json_on_tiny_gives_the_engine_numbers(cli, method, site, by, direction):
+    data = cli.json("patch", TINY, "--clean-tokens", CLEAN, "--corrupt-tokens", CORRUPT,
                  "--site", site, "--by", by, "--direction", direction, "--method", method,
                  "--json")  # fmt: skip
     model = load(TINY)
@@ -61,7 +47,7 @@ def test_json_on_tiny_gives_the_engine_numbers(capsys, method, site, by, directi
     assert 0.0 <= data["p_clean"] <= 1.0 and 0.0 <= data["p_corrupt"] <= 1.0
 
 
-def test_zoo_ioi_with_answers_and_store(capsys, tmp_path):
+def test_zoo_ioi_with_answers_and_store(cli, tmp_path):
     from mechscope.models.zoo.groundtruth import GroundTruth
 
     batch = GroundTruth.load("zoo:ioi").by_position[0].batch.batch()
@@ -69,7 +55,7 @@ def test_zoo_ioi_with_answers_and_store(capsys, tmp_path):
     clean = [int(t) for t in batch.clean[0, :n]]
     corrupt = [int(t) for t in batch.corrupt[0, :n]]
     a, w = int(batch.answer[0]), int(batch.corrupt_answer[0])
-    data = _json(capsys, "patch", "zoo:ioi", "--clean-tokens", ",".join(map(str, clean)),
+    data = cli.json("patch", "zoo:ioi", "--clean-tokens", ",".join(map(str, clean)),
                  "--corrupt-tokens", ",".join(map(str, corrupt)), "--site", "heads",
                  "--answer", str(a), "--wrong", str(w), "--json", "--store",
                  str(tmp_path / "s"))  # fmt: skip
@@ -109,7 +95,7 @@ def test_help(capsys):
          "by must be"),
     ],
 )
-def test_bad_input_exits_2_with_one_line(capsys, argv, words):
-    code, out, err = _run(capsys, *argv)
+def test_bad_input_exits_2_with_one_line(cli, argv, words):
+    code, out, err = cli.run(*argv)
     assert code == 2 and out == ""
     assert err.startswith("error: ") and words in err and err.count("\n") == 1
