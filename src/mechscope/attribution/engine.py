@@ -221,9 +221,11 @@ class Engine:
     """
 
     def __init__(self, layers: list[_Layer], ln_final: Callable[[Tensor], Tensor], head: nn.Linear,
-                 *, n_heads: int, n_kv: int, d_head: int, dtype: torch.dtype) -> None:  # fmt: skip
+                 *, n_heads: int, n_kv: int, d_head: int, dtype: torch.dtype,
+                 embed: Callable[[Tensor, Tensor], Tensor] | None = None) -> None:  # fmt: skip
         self.layers, self.ln_final, self.head = layers, ln_final, head
         self.n_heads, self.n_kv, self.d_head, self.dtype = n_heads, n_kv, d_head, dtype
+        self._embed = embed
 
     @property
     def n_layers(self) -> int:
@@ -291,7 +293,7 @@ class Engine:
                 ly.ln2 = ly.mlp = None
         n_kv = int(getattr(c, "n_key_value_heads", None) or c.n_heads)
         return cls(layers, ln_final, head, n_heads=int(c.n_heads), n_kv=n_kv, d_head=int(c.d_head),
-                   dtype=dtype or param.dtype)  # fmt: skip
+                   dtype=dtype or param.dtype, embed=_embedding(model))  # fmt: skip
 
     # -- the forward -------------------------------------------------------------------------
 
@@ -345,7 +347,7 @@ class Engine:
         pos = plan.tok_pos[:n].to(h.device)
         if ly.rope is not None:
             q, k = ly.rope(q, k, pos)
-        if record is not None:
+        if record is not None and "k" in record:
             record["k"].append(k)
             record["v"].append(v)
         if n == 0:
@@ -374,6 +376,8 @@ class Engine:
         masked = torch.arange(t, device=h.device)[None, None, :] > qpos[:, :, None]  # [R, Q, T]
         scores = scores.masked_fill(masked[:, None], float("-inf"))
         pattern = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        if record is not None and "pattern" in record:  # the last query of every row
+            record["pattern"].append(pattern[:, :, -1])
         zp = torch.einsum("rhqk,rkhd->rqhd", pattern, vf)
         return zp[row, qi]  # [n, H, dh]
 
@@ -398,7 +402,7 @@ class Engine:
 
         def keep(stage: str, act: Tensor) -> Tensor:
             act = self._write(plan, layer, stage, act)
-            if record is not None:
+            if record is not None and stage in record:
                 record[stage].append(act)
             return act
 
@@ -418,7 +422,7 @@ class Engine:
         else:
             if i == 3:
                 mid = joined("resid_mid", mid)
-            if record is not None:
+            if record is not None and "resid_mid" in record:
                 record["resid_mid"].append(mid)
             m = ly.mlp(ly.ln2(self._write(plan, layer, "resid_mid", mid)))
             if i == 4:
@@ -427,6 +431,71 @@ class Engine:
         if i == 5:
             out = joined("resid", out)
         return keep("resid", out)
+
+    # -- decoding (key/value cache) ------------------------------------------------------------
+
+    def embed(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        """The block input of layer 0 for ``tokens`` at ``positions`` (both ``[row, n]``): the
+        token embedding plus the absolute position embedding if the model has one. Callers check
+        it against the bridge (e.g. by :func:`agrees` on the logits of a prompt embedded here)."""
+        if self._embed is None:
+            raise ValueError("this engine has no embedding (the model's layout is not known)")
+        return self._embed(tokens, positions).to(self.dtype)
+
+    def prefill(self, resid0: Tensor) -> tuple[RunCache, Tensor, Tensor]:
+        """Run a prompt ``resid0 [row, pos, d_model]`` keeping only the keys and values.
+
+        Returns the cache (``acts`` empty), the final residual ``[row, pos, d_model]`` and the
+        attention pattern of each row's last query ``[layer, row, head, key]``. Equal to
+        :meth:`full` on the kept tensors (same code path, fewer recorded stages)."""
+        rows, n_pos = resid0.shape[:2]
+        zeros = torch.zeros(rows, dtype=torch.long)
+        plan = Plan(target_rows=torch.arange(rows), start=zeros, join_layer=zeros, n_pos=n_pos,
+                    stage="resid_pre")  # fmt: skip
+        record: dict[str, list[Tensor]] = {"k": [], "v": [], "pattern": []}
+        x = self.suffix(plan, None, resid0.reshape(rows * n_pos, -1), record=record)
+        k = torch.stack([t.reshape(rows, n_pos, *t.shape[1:]) for t in record["k"]])
+        v = torch.stack([t.reshape(rows, n_pos, *t.shape[1:]) for t in record["v"]])
+        pattern = torch.stack(record["pattern"])
+        return RunCache(acts={}, k=k, v=v), x.reshape(rows, n_pos, -1), pattern
+
+    def step(self, cache: RunCache, resid0: Tensor) -> tuple[RunCache, Tensor, Tensor]:
+        """One decoding step: every row gets one new token at position ``cache.n_pos``.
+
+        Args:
+            cache: keys and values of positions ``0 .. n_pos-1`` (from :meth:`prefill` or a
+                previous step), ``[layer, row, pos, kv_head, d_head]``.
+            resid0: the new tokens' block input of layer 0, ``[row, d_model]``.
+
+        Returns:
+            The cache grown by one position, the new tokens' final residual ``[row, d_model]``,
+            and their attention patterns ``[layer, row, head, key]`` (``key = n_pos + 1``).
+        """
+        rows, t = cache.rows, cache.n_pos
+        H, kvh, dh = self.n_heads, self.n_kv, self.d_head
+        pos = torch.full((rows,), t, dtype=torch.long, device=resid0.device)
+        x = resid0.to(self.dtype)
+        ks, vs, pats = [], [], []
+        for layer, ly in enumerate(self.layers):
+            h = ly.ln1(x)
+            q = ly.q(h).view(rows, H, dh)
+            k, v = ly.k(h).view(rows, kvh, dh), ly.v(h).view(rows, kvh, dh)
+            if ly.rope is not None:
+                q, k = ly.rope(q, k, pos)
+            kf = torch.cat([cache.k[layer].to(k.dtype), k[:, None]], dim=1)  # [row, t+1, kvh, dh]
+            vf = torch.cat([cache.v[layer].to(v.dtype), v[:, None]], dim=1)
+            ks.append(kf)
+            vs.append(vf)
+            if kvh != H:
+                kf = kf.repeat_interleave(H // kvh, dim=2)
+                vf = vf.repeat_interleave(H // kvh, dim=2)
+            scores = torch.einsum("rhd,rkhd->rhk", q, kf) * ly.scale
+            pattern = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+            pats.append(pattern)
+            z = torch.einsum("rhk,rkhd->rhd", pattern, vf)
+            mid = x + ly.o(z.reshape(rows, H * dh))
+            x = mid if ly.mlp is None or ly.ln2 is None else mid + ly.mlp(ly.ln2(mid))
+        return RunCache(acts={}, k=torch.stack(ks), v=torch.stack(vs)), x, torch.stack(pats)
 
     # -- outputs -----------------------------------------------------------------------------
 
@@ -442,6 +511,22 @@ class Engine:
         if self.head.bias is not None:
             out = out + self.head.bias[columns]
         return out.float()
+
+
+def _embedding(model: Model) -> Callable[[Tensor, Tensor], Tensor] | None:
+    """``(tokens, positions) -> resid0`` from the bridge's raw embedding modules: a native model
+    adds its absolute position embedding (none when rotary); a Hugging Face decoder of
+    :data:`_HF_DECODERS` (Llama, Mistral, Qwen2) feeds the unscaled token embedding."""
+    tok = _raw(getattr(model, "embed", None))
+    if not isinstance(tok, nn.Embedding):
+        return None
+    pos_mod = getattr(model, "pos_embed", None)
+    pos = _raw(pos_mod) if pos_mod is not None else None
+    if pos is not None and not isinstance(pos, nn.Embedding):
+        return None
+    if pos is None:
+        return lambda tokens, positions: tok(tokens)
+    return lambda tokens, positions: tok(tokens) + pos(positions)
 
 
 def agrees(engine_logits: Tensor, bridge_logits: Tensor) -> tuple[bool, float]:
