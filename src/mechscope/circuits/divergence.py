@@ -257,14 +257,18 @@ class HeadDivergence(Result):
         return layer_head_heatmap(self.scores, colorscale="Viridis",
                                   title=f"head divergence ({self.metric}, {self.mode})")  # fmt: skip
 
-    def top(self, k: int | None = None) -> list[Head]:
-        """The ``k`` (default: heads per layer) heads of largest mean VHD > 0, best first."""
+    def top(self, k: int | None = None, rel: float = 0.1) -> list[Head]:
+        """The ``k`` (default: heads per layer) heads of largest mean VHD, best first, keeping
+        only heads with at least ``rel`` of the largest VHD (a head the segment barely moves, or
+        a pruned head at 1e-13, is not "top")."""
         flat, n_heads = self.scores.reshape(-1), self.scores.shape[1]
         order = torch.sort(flat, descending=True, stable=True).indices[: k or n_heads]
-        return [(int(i) // n_heads, int(i) % n_heads) for i in order if float(flat[i]) > 0]
+        floor = rel * float(flat.max()) if flat.numel() else 0.0
+        return [(int(i) // n_heads, int(i) % n_heads) for i in order
+                if float(flat[i]) > 0 and float(flat[i]) >= floor]  # fmt: skip
 
     def payload(self) -> dict[str, Any]:
-        """JSON body: ``scores``, ``heads`` (:meth:`top`: the ``n_heads`` largest mean VHDs),
+        """JSON body: ``scores``, ``heads`` (:meth:`top`: up to ``n_heads`` largest mean VHDs, >= 10% of the largest),
         ``vhr_heads`` (:func:`select_reinforced`, defaults), ``spans``, ``mode``, ``metric``,
         ``query``, ``t_vhd`` (mean per query token), ``tokens``."""
 
@@ -564,10 +568,12 @@ def context_task(model: Model, rows: Sequence[tuple[str, str, str, str]], seed: 
 
 def default_run(model: Model, *, prompts: list[str] | None = None, task: str | None = None,
                 n: int | None = None, seed: int = 0, progress: bool = True,
-                segment: str | None = None) -> HeadDivergence:  # fmt: skip
-    """What the CLI runs: mask-mode VHD at the last token.
+                segment: str | tuple[int, int] | None = None,
+                mode: Mode = "mask") -> HeadDivergence:  # fmt: skip
+    """What the CLI runs: VHD at the last token, the segment removed by ``mode`` (CLI ``--mode``).
 
-    - ``prompts`` given: ``segment`` (CLI ``--segment``) is the text to remove; required.
+    - ``prompts`` given (texts or token ids): ``segment`` (CLI ``--segment`` text or
+      ``--segment-span START:END``) is what is removed; required.
     - zoo:retrieval (or ``task="retrieval"`` on it): ``n`` (8) synthetic retrieval rows of 128
       tokens, the needle (key, value) as the segment.
     - a model with a tokenizer: ``task="retrieval"``: ``n`` (4) stdlib-docstring haystacks with
@@ -578,20 +584,20 @@ def default_run(model: Model, *, prompts: list[str] | None = None, task: str | N
         if not segment:
             raise InputError("prompts were given without a segment; pass segment= (CLI --segment) "
                              "with the text of the prompt whose removal is measured")  # fmt: skip
-        return head_divergence(model, prompts, segment, progress=progress)
+        return head_divergence(model, prompts, segment, mode=mode, progress=progress)
     if task not in (None, "retrieval", "context"):
         raise InputError(f"task must be 'retrieval' or 'context' for head divergence, got {task!r}")
     if spec_of(model) == "zoo:retrieval":
         b = retrieval(n or 8, context_len=128, seed=seed, n_ctx=int(model.cfg.n_ctx))
         spans = [(int(s), int(s) + 2) for s in b.meta["needle_start"]]
-        return head_divergence(model, b.clean, spans, progress=progress)
+        return head_divergence(model, b.clean, spans, mode=mode, progress=progress)
     if getattr(model, "tokenizer", None) is None:
         raise InputError("this model has no built-in prompts; pass prompts (token ids) and a "
                          "segment span")  # fmt: skip
     if task == "retrieval":
         b = text_retrieval(model.tokenizer, n or 4, context_len=256, seed=seed)
         spans = list(zip(b.meta["needle_start"], b.meta["needle_end"], strict=True))
-        return head_divergence(model, b, [(int(s), int(e)) for s, e in spans], progress=progress)
+        return head_divergence(model, b, [(int(s), int(e)) for s, e in spans], mode=mode, progress=progress)
     rows = CONTRADICTIONS[: n or len(CONTRADICTIONS)]
     prompts = [context_prompt(c, q) for c, q, _, _ in rows]
-    return head_divergence(model, prompts, [r[0] for r in rows], progress=progress)
+    return head_divergence(model, prompts, [r[0] for r in rows], mode=mode, progress=progress)
