@@ -97,7 +97,7 @@ def _sink_scores() -> Callable[[Tensor, Tensor | None], Tensor]:
     """``mechscope.circuits.sinks.act_key_scores`` when that module is there, else ours."""
     try:
         return importlib.import_module("mechscope.circuits.sinks").act_key_scores  # type: ignore[no-any-return]
-    except (ImportError, AttributeError):
+    except Exception:  # noqa: BLE001 - absent or broken: ours computes the same scores
         return _act_key_scores
 
 
