@@ -258,14 +258,11 @@ class HeadDivergence(Result):
                                   title=f"head divergence ({self.metric}, {self.mode})")  # fmt: skip
 
     def top(self, k: int | None = None, rel: float = 0.1) -> list[Head]:
-        """The ``k`` (default: heads per layer) heads of largest mean VHD, best first, keeping
-        only heads with at least ``rel`` of the largest VHD (a head the segment barely moves, or
-        a pruned head at 1e-13, is not "top")."""
+        """Up to ``k`` (default: heads per layer) heads of largest mean VHD, best first, each with
+        at least ``rel`` of the largest (a pruned head at 1e-13 is not a top head)."""
         flat, n_heads = self.scores.reshape(-1), self.scores.shape[1]
-        order = torch.sort(flat, descending=True, stable=True).indices[: k or n_heads]
-        floor = rel * float(flat.max()) if flat.numel() else 0.0
-        return [(int(i) // n_heads, int(i) % n_heads) for i in order
-                if float(flat[i]) > 0 and float(flat[i]) >= floor]  # fmt: skip
+        order, floor = torch.sort(flat, descending=True, stable=True).indices[: k or n_heads], rel * float(flat.max())
+        return [(int(i) // n_heads, int(i) % n_heads) for i in order if 0 < float(flat[i]) >= floor]
 
     def payload(self) -> dict[str, Any]:
         """JSON body: ``scores``, ``heads`` (:meth:`top`: up to ``n_heads`` largest mean VHDs, >= 10% of the largest),
