@@ -286,7 +286,7 @@ class RetrievalScores(Result):
     @property
     def heads(self) -> list[tuple[int, int]]:
         """Heads scoring above :attr:`threshold`, highest first."""
-        return [(lay, h) for lay, h, s in self.top(self.scores.numel()) if s > self.threshold]
+        return [(a, h) for a, h, _ in self.top(self.scores.numel()) if self.scores[a, h] > self.threshold]
 
     def top(self, k: int = 10) -> list[tuple[int, int, float]]:
         """The ``k`` highest-scoring heads as ``(layer, head, score)``."""
@@ -535,15 +535,16 @@ def masking_validation(model: Model, batches: TaskBatch | Sequence[TaskBatch],
 # -- default run -------------------------------------------------------------------------------
 
 
-def _prompt_batch(model: Model, prompts: list[str], needle: str) -> list[tuple[TaskBatch, Any]]:
+def _prompt_batch(model: Model, prompts: list[Any], needle: str | list[int]) -> list[tuple[TaskBatch, Any]]:
     from mechscope.tasks._text import as_tokenizer, bos_prefix, encode
 
-    tok = as_tokenizer(model)
-    out = []
+    ids_given = isinstance(needle, list)  # token ids: prompts are id lists, used as they are
+    tok, out = None if ids_given else as_tokenizer(model), []
     for p in prompts:
-        ids = bos_prefix(tok, True) + encode(tok, p)
-        found = None
-        for cand in (encode(tok, needle), encode(tok, " " + needle.lstrip())):
+        if ids_given != (isinstance(p, list)):
+            raise InputError("give the prompts and the needle both as text or both as token ids")
+        ids, found = list(p) if ids_given else bos_prefix(tok, True) + encode(tok, p), None
+        for cand in [needle] if isinstance(needle, list) else [encode(tok, needle), encode(tok, " " + needle.lstrip())]:
             if len(cand) > len(ids):
                 raise InputError(f"the needle ({len(cand)} tokens) is longer than the prompt "
                                  f"({len(ids)} tokens); give a needle that occurs in the prompt")  # fmt: skip
@@ -552,8 +553,8 @@ def _prompt_batch(model: Model, prompts: list[str], needle: str) -> list[tuple[T
                 found = (hits[0], hits[0] + len(cand))
                 break
         if found is None:
-            raise InputError(f"the needle {needle!r} does not occur in the prompt {p[:60]!r}...; "
-                             "--needle must be text copied from the prompt")  # fmt: skip
+            raise InputError(f"the needle {needle!r} does not occur in the prompt {p[:60]!r}; "
+                             "--needle must be copied from the prompt")  # fmt: skip
         t = torch.tensor([ids])
         out.append((TaskBatch(task="prompt", clean=t, corrupt=t, answer=t[:, found[0]],
                               corrupt_answer=t[:, found[0]], answer_pos=torch.tensor([len(ids) - 1]),
@@ -561,13 +562,13 @@ def _prompt_batch(model: Model, prompts: list[str], needle: str) -> list[tuple[T
     return out
 
 
-def default_run(model: Model, *, prompts: list[str] | None = None, task: str | None = None,
+def default_run(model: Model, *, prompts: list[Any] | None = None, task: str | None = None,
                 n: int | None = None, seed: int = 0, progress: bool = True,
-                needle: str | None = None) -> RetrievalScores:  # fmt: skip
+                needle: str | list[int] | None = None) -> RetrievalScores:  # fmt: skip
     """What ``mechscope heads retrieval`` runs.
 
-    - ``prompts`` (with ``needle``: the text in each prompt the model should reproduce; the
-      prompt should end where the needle is asked for): scores on those prompts.
+    - ``prompts`` with ``needle`` (text of each prompt the model should reproduce; or id lists
+      and the needle's ids), each prompt ending where the needle is asked for.
     - a model with a tokenizer: ``text_retrieval`` on the stdlib-docstring haystack, lengths
       256 and 512 x depths 0.1, 0.5, 0.9, ``n`` (default 1) prompts a cell.
     - otherwise (zoo): ``tasks.retrieval`` with the recipe's vocabulary and eval length, 11
@@ -582,11 +583,10 @@ def default_run(model: Model, *, prompts: list[str] | None = None, task: str | N
         return retrieval_scores(model, [b for b, _ in pairs], needle_spans=[[s] for _, s in pairs],
                                 progress=progress)  # fmt: skip
     if task not in (None, "retrieval", "text_retrieval", "retrieval_text"):
-        raise InputError(f"task {task!r} has no needle; use --task retrieval (or text_retrieval)")
+        raise InputError(f"task {task!r} has no needle; use --task retrieval (or retrieval_text)")
     if n is not None and n < 1:
         raise InputError(f"n must be >= 1, got {n}")
-    tok = getattr(model, "tokenizer", None)
-    if tok is not None:
+    if (tok := getattr(model, "tokenizer", None)) is not None:
         return retrieval_grid_scores(model, tok, [256, 512], [0.1, 0.5, 0.9], n=n or 1, seed=seed,
                                      progress=progress)  # fmt: skip
     from mechscope.tasks import retrieval
