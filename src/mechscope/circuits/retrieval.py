@@ -544,7 +544,7 @@ def _prompt_batch(model: Model, prompts: list[Any], needle: str | list[int]) -> 
         if ids_given != (isinstance(p, list)):
             raise InputError("give the prompts and the needle both as text or both as token ids")
         ids, found = list(p) if ids_given else bos_prefix(tok, True) + encode(tok, p), None
-        for cand in [needle] if isinstance(needle, list) else [encode(tok, needle), encode(tok, " " + needle.lstrip())]:
+        for cand in [needle] if isinstance(needle, list) else [encode(tok, " " + needle.lstrip()), encode(tok, needle)]:
             if len(cand) > len(ids):
                 raise InputError(f"the needle ({len(cand)} tokens) is longer than the prompt "
                                  f"({len(ids)} tokens); give a needle that occurs in the prompt")  # fmt: skip
