@@ -21,12 +21,14 @@ import typer
 from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer vendors click
 from typer.main import get_command
 
+from mechscope.cli_heads import heads_app
 from mechscope.errors import InputError, MechscopeError, StoreError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="mechscope: a mechanistic-interpretability workbench.")
 zoo_app = typer.Typer(no_args_is_help=True, help="The zoo of small models with known mechanisms.")
 app.add_typer(zoo_app, name="zoo")
+app.add_typer(heads_app, name="heads")
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 StoreOpt = Annotated[Path, typer.Option("--store", help="Store directory.")]
@@ -394,6 +396,9 @@ def demo(
     attribution: Annotated[bool, typer.Option(
         "--attribution/--no-attribution",
         help="Run causal tracing and activation patching (about a minute on SmolLM2 on a CPU).")] = True,
+    heads: Annotated[bool, typer.Option(
+        "--heads/--no-heads",
+        help="Run the head analyses: attention sinks, retrieval heads, head divergence.")] = True,
     as_json: JsonFlag = False,
 ) -> None:
     """The main job: every analysis on one model -> a run in the store."""
@@ -404,7 +409,7 @@ def demo(
         raise StoreError(f"--store {store} is a file; a store is a folder. Give a new folder"
                          + (f", e.g. --store {shlex.quote(str(folder))}" if folder else ""))
 
-    summary = run_demo(DemoConfig(model=model, attribution=attribution), store)
+    summary = run_demo(DemoConfig(model=model, attribution=attribution, heads=heads), store)
     lines = [f"run {summary['run_id']} saved to {summary['store']}"]
     lines += [f"  {r['prompt']!r} -> {r['top1']!r} (p={r['p_top1']:.3f})" for r in summary["predictions"]]
     ct, pa = summary.get("causal_trace"), summary.get("patching")
@@ -418,6 +423,9 @@ def demo(
         lines.append(f"  patching {pa['site']} ({pa['task']}, {pa['answer']!r} vs {pa['wrong']!r}): "
                      f"p clean {pa['p_clean']:.3f}, corrupt {pa['p_corrupt']:.3f}; peak "
                      f"{pk['score']:.3f} at layer {pk['layer']}, token {pk['token']!r}")
+    for name, h in (summary.get("heads") or {}).items():
+        lines.append(f"  {name}: " + (f"skipped ({h['skipped']})" if "skipped" in h else
+                                      f"heads {h.get('heads', [])[:8]}"))
     human = "\n".join(lines)
     _emit(summary, as_json, human)
 

@@ -7,8 +7,9 @@ Tower is located in the city of" -> " Paris"; exact activation patching
 (:func:`~mechscope.attribution.patch_sweep`, ``resid_pre`` by position) of one IOI pair. On a
 model without a tokenizer (zoo, native) the last two use the first demo row: subject span
 ``(1, 3)`` (the corrupt row changes those tokens) and the clean top-1 as the answer.
-Later analyses (head divergence, retrieval heads, sinks, SAE circuits) add their steps here; each
-step is a public function and the demo only chains them.
+Then the head analyses (:mod:`mechscope.circuits`), each on its built-in inputs for the model
+(``default_run``): attention sinks, retrieval heads and head divergence. Later analyses (SAE
+circuits) add their steps here; each step is a public function and the demo only chains them.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ TRACE_PROMPT = ("The Eiffel Tower is located in the city of", "The Eiffel Tower"
 class DemoConfig:
     """What the demo runs.
 
-    ``attribution=False`` skips causal tracing and patching. ``trace_samples``: the noisy runs of
+    ``attribution=False`` skips causal tracing and patching; ``heads=False`` skips the head
+    analyses (sinks, retrieval heads, head divergence). ``trace_samples``: the noisy runs of
     the causal trace (ROME uses 10; 3 keeps the demo quick). ``trace_prompt``: (prompt, subject,
     target) of the causal trace on a model with a tokenizer.
     """
@@ -47,6 +49,7 @@ class DemoConfig:
     sites: tuple[str, ...] = ("heads", "patterns", "ffn", "resid")
     seed: int = 0
     attribution: bool = True
+    heads: bool = True
     trace_samples: int = 3
     trace_prompt: tuple[str, str, str] = TRACE_PROMPT
 
@@ -84,6 +87,7 @@ def run_demo(config: DemoConfig, store_dir: str | Path, *, progress: bool = True
         try:
             rows = _analyse(model, config, run, progress=progress)
             steps = _attribution(model, config, run, progress=progress) if config.attribution else {}
+            heads = _heads(model, config, run, progress=progress) if config.heads else {}
         finally:
             run.time("total", time.perf_counter() - t0)
     return {
@@ -93,6 +97,7 @@ def run_demo(config: DemoConfig, store_dir: str | Path, *, progress: bool = True
         "predictions": rows,
         "causal_trace": steps.get("causal_trace"),
         "patching": steps.get("patching"),
+        "heads": heads or None,
         "timings": run.timings,
     }
 
@@ -199,6 +204,40 @@ def _attribution(model: Model, config: DemoConfig, run: RunWriter, *,
     _add_result(run, "patching", pr, patch_summary)
     run.time("patching", time.perf_counter() - t1)
     return {"causal_trace": trace_summary, "patching": patch_summary}
+
+
+#: The head analyses of the demo: (name in the run, module under mechscope.circuits).
+HEAD_STEPS = (("sinks", "sinks"), ("retrieval_heads", "retrieval"), ("head_divergence", "divergence"))
+
+
+def _heads(model: Model, config: DemoConfig, run: RunWriter, *,
+           progress: bool) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """Each head analysis on its built-in inputs for the model, into the run. An analysis that
+    cannot run on this model (e.g. retrieval heads on a random ``native:`` model, which has no
+    needle task) is recorded as skipped with the reason, never silently."""
+    import importlib
+
+    from mechscope.errors import InputError
+
+    out: dict[str, dict[str, Any]] = {}
+    for name, module in HEAD_STEPS:
+        t0 = time.perf_counter()
+        analysis = importlib.import_module(f"mechscope.circuits.{module}")
+        try:
+            result = analysis.default_run(model, seed=config.seed, progress=progress)
+        except InputError as exc:
+            out[name] = {"skipped": str(exc)}
+            run.add_json(f"{name}_summary", out[name])
+            continue
+        payload = result.payload()
+        summary = {k: v for k, v in payload.items() if k != "scores"}
+        run.add_table(name, result.to_frame())
+        run.add_tensors(f"{name}_scores", {"scores": torch.tensor(
+            [[float("nan") if v is None else v for v in row] for row in payload["scores"]])})
+        run.add_json(f"{name}_summary", {**summary, "config": result.provenance.config})
+        run.time(name, time.perf_counter() - t0)
+        out[name] = summary
+    return out
 
 
 @torch.no_grad()

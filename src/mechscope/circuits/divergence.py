@@ -563,7 +563,7 @@ def context_task(model: Model, rows: Sequence[tuple[str, str, str, str]], seed: 
                      meta={"contexts": [r[0] for r in rows]}, lengths=lengths)  # fmt: skip
 
 
-def default_run(model: Model, *, prompts: list[str] | None = None, task: str | None = None,
+def default_run(model: Model, *, prompts: list[Any] | None = None, task: str | None = None,
                 n: int | None = None, seed: int = 0, progress: bool = True,
                 segment: str | tuple[int, int] | None = None,
                 mode: Mode = "mask") -> HeadDivergence:  # fmt: skip

@@ -585,7 +585,7 @@ def default_prompts(model: Model, *, task: str | None = None, n: int | None = No
                      "induction (or pass prompts)")  # fmt: skip
 
 
-def default_run(model: Model, *, prompts: list[str] | None = None, task: str | None = None,
+def default_run(model: Model, *, prompts: list[Any] | None = None, task: str | None = None,
                 n: int | None = None, seed: int = 0, progress: bool = True) -> AttentionSinks:  # fmt: skip
     """The CLI verb ``mechscope heads sinks``: :func:`find_sinks` over ``prompts``, a task, or the
     model's defaults (:func:`default_prompts`)."""
