@@ -205,3 +205,26 @@ def test_bad_inputs_are_refused_with_the_fix(zoo, monkeypatch):
         default_run(tiny, task="induction", progress=False)
     with pytest.raises(InputError, match="engine"):
         retrieval_scores(tiny, _toy(), needle_spans=[(1, 3)], engine="fast", progress=False)
+
+
+def test_on_the_induction_zoo_induction_heads_score_near_one_and_previous_token_heads_near_zero():
+    """METHODS.md section 3: in a trained induction model, induction heads score near 1 and
+    previous-token heads near 0. The needle is the first copy's token that the second copy asks
+    for (``[BOS] R R[:-1]`` -> ``R[L-1]``)."""
+    from mechscope.models.zoo.groundtruth import GroundTruth
+    from mechscope.models.zoo.recipes import RECIPES
+    from mechscope.tasks import induction
+
+    model, truth = load("zoo:induction"), GroundTruth.load("zoo:induction")
+    seq = RECIPES["induction"].task_args["eval_repeat"]
+    b = induction(16, seq_len=seq, d_vocab=int(model.cfg.d_vocab), seed=3)
+    at = int(b.meta["first_start"]) + seq - 1  # R[L-1] in the first copy
+    assert bool((b.clean[:, at] == b.answer).all())
+    res = retrieval_scores(model, b, needle_spans=[(at, at + 1)] * 16, max_new_tokens=1,
+                           progress=False)  # fmt: skip
+    assert res.n_answered >= 12
+    induction_heads = [(1, h) for h in range(4) if truth.head_scores["induction"][1, h] > 0.5]
+    prev_heads = [(0, h) for h in range(4) if truth.head_scores["previous_token"][0, h] > 0.5]
+    assert induction_heads and prev_heads
+    assert all(float(res.scores[h]) >= 0.8 for h in induction_heads), res.scores
+    assert all(float(res.scores[h]) <= 0.1 for h in prev_heads), res.scores
