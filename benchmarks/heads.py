@@ -29,30 +29,19 @@ medians/min/max and peer/ours):
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
-# This folder's kernels.py would shadow the installed Hugging Face ``kernels`` package that
-# transformers imports: take the folder off sys.path and load _common.py by its path.
-HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-_spec = importlib.util.spec_from_file_location("_common", HERE / "_common.py")
-assert _spec is not None and _spec.loader is not None
-_common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_common)
-_time, forward_flops, matmul_gflops = _common._time, _common.forward_flops, _common.matmul_gflops
+import torch
+from transformer_lens import head_detector
 
-import torch  # noqa: E402
-from transformer_lens import head_detector  # noqa: E402
-
-from mechscope.circuits.head_stats import head_statistics  # noqa: E402
-from mechscope.models import load  # noqa: E402
-from mechscope.tasks.induction import induction_pool  # noqa: E402
+from _common import _time, forward_flops, matmul_gflops
+from mechscope.circuits.head_stats import head_statistics
+from mechscope.models import load
+from mechscope.tasks.induction import induction_pool
 
 TINY = "native:n_layers=2,d_model=32,n_heads=4,d_head=8,d_mlp=64,d_vocab=50,n_ctx=64,seed=1"
 TL_KINDS = ("previous_token", "duplicate_token", "induction")

@@ -280,7 +280,7 @@ def test_noise_bad_inputs_name_the_problem() -> None:
 def test_benchmark_quick_mode_runs() -> None:
     env = {k: v for k, v in os.environ.items() if k != "MECHSCOPE_KERNELS"}
     out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "kernels.py"), "--quick"],
+        [sys.executable, str(ROOT / "benchmarks" / "triton_kernels.py"), "--quick"],
         capture_output=True, text=True, timeout=120, cwd=ROOT, env=env,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]

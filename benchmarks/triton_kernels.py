@@ -16,7 +16,7 @@ Timing: on a CUDA device both sides with ``triton.testing.do_bench`` (medians; r
 is timed (median, min, max over ``--reps``) and the interpreter run, on a small shape, is reported
 as ``"informative only"`` (it measures the interpreter, not the kernel).
 
-Usage: ``python benchmarks/kernels.py [--reps 7] [--quick]``; ``--quick`` checks correctness on
+Usage: ``python benchmarks/triton_kernels.py [--reps 7] [--quick]``; ``--quick`` checks correctness on
 small shapes only and times nothing (CI).
 """
 
