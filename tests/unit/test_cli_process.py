@@ -174,3 +174,24 @@ def test_output_piped_into_a_reader_that_leaves_is_not_a_traceback():
     proc.stdout.close()  # the reader leaves before the help is written out
     _, err = proc.communicate(timeout=120)
     assert b"Traceback" not in err, err.decode()[-2000:]
+
+
+def test_ctrl_c_during_a_heads_analysis_exits_130(tmp_path):
+    patch = f"""
+        import sys, time
+        from mechscope.circuits import sinks
+        _find = sinks.find_sinks
+
+        def slow_find(*args, **kwargs):
+            sys.stderr.write({READY!r} + "\\n")
+            sys.stderr.flush()
+            time.sleep(120)
+            return _find(*args, **kwargs)
+
+        sinks.find_sinks = slow_find
+    """
+    code, err = _interrupt(patch, ["heads", "sinks", "zoo:retrieval", "--store",
+                                   str(tmp_path / "s")], tmp_path)  # fmt: skip
+    assert code == 130, err
+    assert err.rstrip().endswith("interrupted") and "Traceback" not in err, err
+    assert not (tmp_path / "s").exists()  # nothing was written before the result existed
