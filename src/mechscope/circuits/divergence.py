@@ -582,8 +582,8 @@ def default_run(model: Model, *, prompts: list[Any] | None = None, task: str | N
             raise InputError("prompts were given without a segment; pass segment= (CLI --segment) "
                              "with the text of the prompt whose removal is measured")  # fmt: skip
         return head_divergence(model, prompts, segment, mode=mode, progress=progress)
-    if task not in (None, "retrieval", "context"):
-        raise InputError(f"task must be 'retrieval' or 'context' for head divergence, got {task!r}")
+    if task not in (None, "retrieval", "retrieval_text", "context"):
+        raise InputError(f"head divergence has built-in segments for tasks retrieval, retrieval_text (the needle) or none (contradicting contexts); got {task!r}")
     if spec_of(model) == "zoo:retrieval":
         b = retrieval(n or 8, context_len=128, seed=seed, n_ctx=int(model.cfg.n_ctx))
         spans = [(int(s), int(s) + 2) for s in b.meta["needle_start"]]
@@ -591,7 +591,7 @@ def default_run(model: Model, *, prompts: list[Any] | None = None, task: str | N
     if getattr(model, "tokenizer", None) is None:
         raise InputError("this model has no built-in prompts; pass prompts (token ids) and a "
                          "segment span")  # fmt: skip
-    if task == "retrieval":
+    if task in ("retrieval", "retrieval_text"):
         b = text_retrieval(model.tokenizer, n or 4, context_len=256, seed=seed)
         spans = list(zip(b.meta["needle_start"], b.meta["needle_end"], strict=True))
         return head_divergence(model, b, [(int(s), int(e)) for s, e in spans], mode=mode, progress=progress)
