@@ -122,12 +122,12 @@ def test_zoo_induction_heads_score_near_one(zoo) -> None:
 
 
 def test_sink_share_of_a_planted_sink(tiny) -> None:
-    from mechscope.circuits import head_stats
+    from mechscope.circuits.sinks import act_key_scores
 
     pattern = torch.zeros(1, 2, 6, 6)
     pattern[0, 0, :, 0] = 1.0  # head 0: everything on key 0
     pattern[0, 1] = torch.eye(6)  # head 1: itself
-    scores = head_stats._act_key_scores(pattern, torch.tensor([6]))
+    scores = act_key_scores(pattern, torch.tensor([6]))
     assert scores[0, 0].tolist() == [1.0, 0, 0, 0, 0, 0]
     torch.testing.assert_close(scores[0, 1], torch.tensor([1 / 6, 1 / 5, 1 / 4, 1 / 3, 1 / 2, 1.0]))
     stats = head_statistics(tiny, [[0, 3, 4, 5, 6, 7, 8]], kinds=("sink",), progress=False)

@@ -28,8 +28,7 @@ Python loop over heads or prompts.
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -38,6 +37,7 @@ import plotly.graph_objects as go
 import torch
 from torch import Tensor
 
+from mechscope.circuits.sinks import act_key_scores
 from mechscope.errors import InputError
 from mechscope.figures import layer_head_heatmap
 from mechscope.probes.tokens import Prompts, tokenize
@@ -93,28 +93,6 @@ def detection_patterns(tokens: Tensor, lengths: Tensor, kinds: Sequence[str] = D
 # -- per-batch scoring (vectorised over prompts, heads and kinds) --------------------------------
 
 
-def _sink_scores() -> Callable[[Tensor, Tensor | None], Tensor]:
-    """``mechscope.circuits.sinks.act_key_scores`` when that module is there, else ours."""
-    try:
-        return importlib.import_module("mechscope.circuits.sinks").act_key_scores  # type: ignore[no-any-return]
-    except Exception:  # noqa: BLE001 - absent or broken: ours computes the same scores
-        return _act_key_scores
-
-
-def _act_key_scores(pattern: Tensor, lengths: Tensor | None = None) -> Tensor:
-    """ACT's mean received attention ``[batch, head, key]``: ``sum_i A[i, j] / (n - j)`` over a
-    prompt's own ``n`` rows (0 on padded keys)."""
-    b, _, nq, nk = pattern.shape
-    if lengths is None:
-        lengths = torch.full((b,), nk)
-    lengths = lengths.to(pattern.device)
-    rows = (torch.arange(nq, device=pattern.device)[None, :] < lengths[:, None]).to(pattern.dtype)
-    received = torch.einsum("bhqk,bq->bhk", pattern, rows)
-    seen = (lengths[:, None] - torch.arange(nk, device=pattern.device)[None, :]).clamp(min=1)
-    keys = torch.arange(nk, device=pattern.device)[None, :] < lengths[:, None]
-    return received / seen[:, None, :].to(pattern.dtype) * keys[:, None, :]
-
-
 def _score_layer(pattern: Tensor, det: Tensor, keep: Tensor, block: Tensor, lengths: Tensor,
                  kinds: Sequence[str], error_measure: str, target_rows: Tensor | None
                  ) -> dict[str, Tensor]:  # fmt: skip
@@ -143,7 +121,7 @@ def _score_layer(pattern: Tensor, det: Tensor, keep: Tensor, block: Tensor, leng
             out[kind] = score[:, i].float()
     if "sink" in kinds:
         real = pattern * block[:, None]
-        key_scores = _sink_scores()(real, lengths)  # [b, h, k]
+        key_scores = act_key_scores(real, lengths)  # [b, h, k]
         received = real.sum(-2)  # [b, h, k]
         sink = (key_scores > SINK_THRESHOLD).to(real.dtype)
         out["sink"] = ((received * sink).sum(-1) / received.sum(-1)).float()
