@@ -389,10 +389,41 @@ def sae_circuit(
         raise InputError("give a TaskBatch or a (positives, negatives) pair of prompt lists")
     _check_lists(pos, neg, cfg.reduce)
 
-    x = head_inputs(
-        model, pos + neg, reduce=cfg.reduce, batch_size=cfg.batch_size, progress=progress
-    )
-    t_trace = time.perf_counter()
+    x = head_inputs(model, pos + neg, reduce=cfg.reduce, batch_size=cfg.batch_size,
+                    progress=progress)  # fmt: skip
+    trace_s = time.perf_counter() - t0
+    result = discover(x[: len(pos)], x[len(pos) :], n_heads=int(model.cfg.n_heads), config=cfg,
+                      progress=progress, provenance=Provenance.of(model, cfg, seed=cfg.seed))  # fmt: skip
+    runtime = {"trace_s": trace_s, **result.runtime}
+    runtime["total_s"] = time.perf_counter() - t0
+    return replace(result, pairs=pairs, task=task_name, runtime=runtime)
+
+
+def discover(
+    x_pos: Float[Tensor, "n_pos heads d"],
+    x_neg: Float[Tensor, "n_neg heads d"],
+    *,
+    n_heads: int,
+    config: SAEConfig | None = None,
+    progress: bool = True,
+    provenance: Provenance | None = None,
+) -> SAECircuit:
+    """The method on head outputs already reduced over positions (:func:`head_inputs`):
+    ``[prompt, layer*head, d_model]`` rows of positives and negatives, heads layer-major.
+    Trains the SAE on ``config.n_train`` prompts drawn from both, codes every row, scores."""
+    cfg = config or SAEConfig()
+    if x_pos.ndim != 3 or x_neg.shape[1:] != x_pos.shape[1:]:
+        raise InputError(f"head outputs must be [prompt, layer*head, d_model] on both sides, got "
+                         f"{tuple(x_pos.shape)} and {tuple(x_neg.shape)}")  # fmt: skip
+    if n_heads < 1 or x_pos.shape[1] % n_heads:
+        raise InputError(
+            f"{x_pos.shape[1]} head rows are not a whole number of layers of {n_heads}"
+        )
+    for what, xs in (("positive", x_pos), ("negative", x_neg)):
+        if xs.shape[0] < 2:
+            raise InputError(f"SAE circuits need at least 2 {what} prompts, got {xs.shape[0]}")
+    t0 = time.perf_counter()
+    x = torch.cat([x_pos, x_neg]).float().cpu()
     gen = torch.Generator().manual_seed(cfg.seed)
     train_idx = torch.randperm(x.shape[0], generator=gen)[: cfg.n_train]
     sae, fit = train_sae(x[train_idx].reshape(-1, x.shape[-1]), n_features=cfg.n_features,
@@ -400,18 +431,16 @@ def sae_circuit(
                          normalize=cfg.normalize, progress=progress)  # fmt: skip
     t_train = time.perf_counter()
     codes = sae.codes(x)
-    cp, cn = codes[: len(pos)], codes[len(pos) :]
-    n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
-    nodes = node_scores(cp, cn).view(n_layers, n_heads)
+    cp, cn = codes[: x_pos.shape[0]], codes[x_pos.shape[0] :]
+    nodes = node_scores(cp, cn).view(-1, n_heads)
     edges = edge_scores(cp, cn)
     t_end = time.perf_counter()
     fit_d = {k: float(v) for k, v in vars(fit).items()}
     fit_d["n_train_prompts"] = float(len(train_idx))
-    runtime = {"trace_s": t_trace - t0, "train_s": t_train - t_trace, "score_s": t_end - t_train,
-               "total_s": t_end - t0}  # fmt: skip
-    return SAECircuit(provenance=Provenance.of(model, cfg, seed=cfg.seed), node_scores=nodes,
-                      edge_scores=edges, codes_pos=cp, codes_neg=cn, sae_state=sae.state(),
-                      fit=fit_d, pairs=pairs, task=task_name, reduce=cfg.reduce,
+    runtime = {"train_s": t_train - t0, "score_s": t_end - t_train, "total_s": t_end - t0}
+    return SAECircuit(provenance=provenance or Provenance.of(None, cfg, seed=cfg.seed),
+                      node_scores=nodes, edge_scores=edges, codes_pos=cp, codes_neg=cn,
+                      sae_state=sae.state(), fit=fit_d, reduce=cfg.reduce,
                       runtime=runtime)  # fmt: skip
 
 
@@ -500,5 +529,5 @@ def default_run(model: Model, *, prompts: Any = None, task: str | None = None, n
     return sae_circuit(model, task_batch(model, task, n, seed), config=cfg, progress=progress)
 
 
-__all__ = ["REDUCE", "SAECircuit", "SAEConfig", "default_run", "edge_scores", "head_inputs",
+__all__ = ["REDUCE", "SAECircuit", "SAEConfig", "default_run", "discover", "edge_scores", "head_inputs",
            "node_scores", "sae_circuit", "task_batch"]  # fmt: skip
