@@ -41,3 +41,27 @@ def test_heads_benchmark_quick_mode_runs() -> None:
     assert all(r["gate"] == "pass" for r in rows), rows
     assert by_case["zoo:retrieval:retrieval"]["same_generations"]
     assert by_case["zoo:retrieval:retrieval"]["answered"] > 0
+
+
+def test_circuits_benchmark_quick_mode_runs() -> None:
+    """benchmarks/circuits.py --quick: TransformerLens head patching (all positions and by
+    position) equals mechscope's patch_sweep and the SAE is deterministic, on a tiny model and
+    zoo:ioi; every row carries the peers' timings and ratios."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "circuits.py"), "--quick"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    by_case = {r["case"]: r for r in rows}
+    assert set(by_case) == {"tiny:toy", "zoo:ioi"}, rows
+    for r in rows:
+        assert r["gate"] == "pass", r
+        assert r["gate_deterministic"] is True
+        assert r["gate_all_pos"]["pass"] and r["gate_by_pos"]["pass"]
+        assert r["gate_all_pos"]["max_abs_err"] <= r["gate_all_pos"]["tol"]
+        assert r["by_pos"]["peer_patches"] == r["layers"] * r["seq_len"] * r["heads"]
+        assert r["all_pos"]["peer_patches"] == r["layers"] * r["heads"]
+        for peer in ("by_pos", "all_pos", "sweep"):
+            assert r[peer]["ratio_peer_over_ours"] > 0
+    assert 0.0 <= by_case["zoo:ioi"]["auc_circuit"] <= 1.0
