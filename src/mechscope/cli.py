@@ -21,6 +21,7 @@ import typer
 from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer vendors click
 from typer.main import get_command
 
+from mechscope.cli_circuits import circuits_app
 from mechscope.cli_heads import heads_app
 from mechscope.errors import InputError, MechscopeError, StoreError
 
@@ -29,6 +30,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 zoo_app = typer.Typer(no_args_is_help=True, help="The zoo of small models with known mechanisms.")
 app.add_typer(zoo_app, name="zoo")
 app.add_typer(heads_app, name="heads")
+app.add_typer(circuits_app, name="circuits")
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 StoreOpt = Annotated[Path, typer.Option("--store", help="Store directory.")]
@@ -399,6 +401,9 @@ def demo(
     heads: Annotated[bool, typer.Option(
         "--heads/--no-heads",
         help="Run the head analyses: attention sinks, retrieval heads, head divergence.")] = True,
+    circuits: Annotated[bool, typer.Option(
+        "--circuits/--no-circuits",
+        help="Run discrete-SAE circuit discovery (about 40 s on SmolLM2 on a CPU).")] = True,
     as_json: JsonFlag = False,
 ) -> None:
     """The main job: every analysis on one model -> a run in the store."""
@@ -409,7 +414,8 @@ def demo(
         raise StoreError(f"--store {store} is a file; a store is a folder. Give a new folder"
                          + (f", e.g. --store {shlex.quote(str(folder))}" if folder else ""))
 
-    summary = run_demo(DemoConfig(model=model, attribution=attribution, heads=heads), store)
+    summary = run_demo(DemoConfig(model=model, attribution=attribution, heads=heads,
+                                circuits=circuits), store)
     lines = [f"run {summary['run_id']} saved to {summary['store']}"]
     lines += [f"  {r['prompt']!r} -> {r['top1']!r} (p={r['p_top1']:.3f})" for r in summary["predictions"]]
     ct, pa = summary.get("causal_trace"), summary.get("patching")

@@ -97,6 +97,8 @@ def test_cli_demo_on_smollm2(capsys, tmp_path):
     main(["demo", "--store", str(tmp_path / "store"), "--json"])
     summary = json.loads(capsys.readouterr().out)
     assert summary["predictions"][0]["top1"] == " Paris"
+    sae = summary["heads"]["sae_circuit"]  # discrete-SAE circuit on IOI minimal pairs
+    assert "skipped" not in sae and sae["task"] == "ioi" and len(sae["heads"]) > 0
     main(["runs", "--store", str(tmp_path / "store"), "--json"])
     runs = json.loads(capsys.readouterr().out)["runs"]
     assert runs[0]["status"] == "complete" and runs[0]["model_spec"] == "smollm2"

@@ -77,6 +77,8 @@ def test_demo_and_runs(capsys, tmp_path):
     assert 0.0 <= ct["p_corrupt"] <= 1.0 and 0.0 <= ct["p_clean"] <= 1.0
     assert pa["site"] == "resid_pre" and pa["answer"] != pa["wrong"]
     assert {"layer", "pos", "token", "score"} <= set(pa["peak"])
+    # the SAE circuit step cannot run on a random model without a task: skipped, with the reason
+    assert "no tokenizer" in summary["heads"]["sae_circuit"]["skipped"]
 
 
 def test_demo_without_attribution(capsys, tmp_path):
@@ -97,7 +99,7 @@ def test_zoo_list_json(capsys):
 
 def test_help_for_every_verb(capsys):
     for verb in (["models"], ["trace"], ["patch"], ["causal-trace"], ["runs"], ["demo"],
-                 ["zoo", "list"], ["zoo", "train"]):
+                 ["zoo", "list"], ["zoo", "train"], ["circuits", "sae"]):
         main([*verb, "--help"])
         assert "Usage" in capsys.readouterr().out
 

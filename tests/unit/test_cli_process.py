@@ -195,3 +195,24 @@ def test_ctrl_c_during_a_heads_analysis_exits_130(tmp_path):
     assert code == 130, err
     assert err.rstrip().endswith("interrupted") and "Traceback" not in err, err
     assert not (tmp_path / "s").exists()  # nothing was written before the result existed
+
+
+def test_ctrl_c_during_sae_training_exits_130(tmp_path):
+    patch = f"""
+        import sys, time
+        from mechscope.circuits import sae
+        _train = sae.train_sae
+
+        def slow_train(*args, **kwargs):
+            sys.stderr.write({READY!r} + "\\n")
+            sys.stderr.flush()
+            time.sleep(120)
+            return _train(*args, **kwargs)
+
+        sae.train_sae = slow_train
+    """
+    code, err = _interrupt(patch, ["circuits", "sae", "zoo:ioi", "--store", str(tmp_path / "s")],
+                           tmp_path)  # fmt: skip
+    assert code == 130, err
+    assert err.rstrip().endswith("interrupted") and "Traceback" not in err, err
+    assert not (tmp_path / "s").exists()

@@ -1,5 +1,6 @@
 """Head analyses and circuits: retrieval and streaming heads, head divergence and reinforcement,
-attention sinks and calibration, batched head statistics (METHODS.md sections 2-4).
+attention sinks and calibration, batched head statistics, discrete-SAE circuit discovery, circuit
+graphs and their evaluation against ground truth (METHODS.md sections 2-5).
 
 Every analysis reads activations through :class:`mechscope.probes.Tracer` (or the patching
 engine's decoder, gated against it), changes the model only through
@@ -17,6 +18,11 @@ module                        what
 :mod:`.sinks`                 ACT sinks, VAR massive dimensions, ACT calibration and head selection
 :mod:`.head_stats`            previous-token / duplicate / induction / sink scores of all heads
 :mod:`.attention`             shared interventions on attention patterns (uniform attention, ...)
+:mod:`.sae`                   discrete-SAE circuit discovery (O'Neill & Bui 2024): node/edge scores
+:mod:`.sae_model`             the discrete SAE (``encode``/``decode``/``codes``); training in
+                              :mod:`.sae_train`
+:mod:`.graph`                 :class:`Circuit`: nodes and weighted edges from any head scorer
+:mod:`.evaluate`              score head rankings against ground truth; SAE vs the baselines
 ============================  =====================================================================
 """
 
@@ -34,6 +40,8 @@ from mechscope.circuits.divergence import (
     reinforce,
     select_reinforced,
 )
+from mechscope.circuits.evaluate import CircuitEvaluation, evaluate_methods, ranking_metrics
+from mechscope.circuits.graph import Circuit
 from mechscope.circuits.head_stats import HeadStatistics, head_statistics
 from mechscope.circuits.retrieval import (
     MaskingResult,
@@ -42,6 +50,9 @@ from mechscope.circuits.retrieval import (
     retrieval_grid_scores,
     retrieval_scores,
 )
+from mechscope.circuits.sae import SAECircuit, SAEConfig, discover, sae_circuit, task_batch
+from mechscope.circuits.sae_model import DiscreteSAE
+from mechscope.circuits.sae_train import train_sae
 from mechscope.circuits.sinks import (
     AttentionSinks,
     CalibrationResult,
@@ -54,6 +65,17 @@ from mechscope.circuits.streaming import StreamingHeads, streaming_gates
 __all__ = [
     "AttentionSinks",
     "CalibrationResult",
+    "Circuit",
+    "CircuitEvaluation",
+    "DiscreteSAE",
+    "SAECircuit",
+    "SAEConfig",
+    "discover",
+    "evaluate_methods",
+    "ranking_metrics",
+    "sae_circuit",
+    "task_batch",
+    "train_sae",
     "HeadDivergence",
     "HeadStatistics",
     "MaskingResult",

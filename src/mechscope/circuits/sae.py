@@ -474,9 +474,12 @@ def task_batch(
 ) -> TaskBatch:
     """The minimal pairs SAE circuits use on a model by default.
 
-    - a zoo model: its own task (``n`` default 64): induction -> :func:`~mechscope.tasks.induction`
-      (negatives: a fresh second half, METHODS.md's test), ioi -> synthetic IOI (flip), retrieval
-      and facts -> the zoo's evaluation batches;
+    - a zoo model: its own task with the corruption its ground truth was measured with
+      (``mechscope.models.zoo.data.PATCH_BATCHES``; ``n`` default 64): induction -> the first
+      copy of R permuted (with :func:`~mechscope.tasks.induction`'s own fresh second half the
+      previous-token heads cannot differ, and neither can the SAE's codes: node ROC-AUC 0.39
+      against 0.78, mean of 10 seeds), ioi -> synthetic IOI (S2 flipped to IO), retrieval -> a
+      new needle value, facts -> another subject;
     - a model with a tokenizer: ``ioi`` (default; text IOI with single-token names, ABC
       negatives: three different names, so no indirect object; ``n`` default 32), ``induction``
       (R of 10 tokens) or ``retrieval_text`` (stdlib-docstring haystacks of 128 tokens).
@@ -485,23 +488,19 @@ def task_batch(
 
     spec = spec_of(model) or ""
     if spec.startswith("zoo:"):
-        from mechscope.models.zoo.data import EVAL_BATCHES
+        from mechscope.models.zoo.data import PATCH_BATCHES
         from mechscope.models.zoo.recipes import RECIPES
-        from mechscope.tasks import induction
 
         recipe = RECIPES[spec[4:]]
         if task not in (None, recipe.task):
             raise InputError(f"{spec} was trained on task {recipe.task!r} only; run it with "
                              f"--task {recipe.task} (or no --task)")  # fmt: skip
-        n = n or 64
-        if recipe.task == "induction":
-            return induction(n, seq_len=recipe.task_args["eval_repeat"], d_vocab=recipe.d_vocab,
-                             seed=seed)  # fmt: skip
-        return _concat(EVAL_BATCHES[recipe.task](recipe, n, seed))
+        return _concat(PATCH_BATCHES[recipe.task](recipe, n or 64, seed))
     tok = getattr(model, "tokenizer", None)
     if tok is None:
-        raise InputError("this model has no tokenizer and no built-in task; pass (positives, "
-                         "negatives) token-id lists to sae_circuit")  # fmt: skip
+        raise InputError("this model has no tokenizer and no built-in task: use a zoo model "
+                         "(`mechscope zoo list`) or one with a tokenizer, or from Python pass "
+                         "(positives, negatives) token-id lists to circuits.sae.sae_circuit")  # fmt: skip
     task = task or "ioi"
     if task == "ioi":
         from mechscope.tasks import ioi
