@@ -3,7 +3,7 @@
 Positive prompts (the model predicts the answer) and minimally changed negatives (it cannot).
 Every head's output in residual space (the tracer's ``head_resid`` site, ``z @ W_O``) is
 averaged over each prompt's real positions (``reduce="mean"``, the paper's input; ``"answer"``
-takes the answer position instead), giving one row per (prompt, head). One SAE
+takes each prompt's last real position instead, where every built-in task's answer is predicted), giving one row per (prompt, head). One SAE
 (:class:`~mechscope.circuits.sae_model.DiscreteSAE`, trained by
 :func:`~mechscope.circuits.sae_train.train_sae`) is shared by all heads and trained on the rows of
 only ``n_train`` prompts drawn from positives and negatives together (the paper: 5-10); the code
@@ -69,7 +69,7 @@ class SAEConfig:
         n_train: prompts the SAE is trained on, drawn (seeded) from positives and negatives.
         seed: seeds the draw and the SAE's initialisation.
         normalize: rescale inputs to a mean norm of sqrt(d_model) before the SAE.
-        reduce: ``mean`` over each prompt's real positions, or the ``answer`` position.
+        reduce: ``mean`` over each prompt's real positions, or ``answer``: the last real position.
         batch_size: prompts per traced forward.
     """
 
