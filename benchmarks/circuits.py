@@ -50,6 +50,7 @@ from transformer_lens import patching
 
 from _common import _time, forward_flops, matmul_gflops
 from mechscope.attribution import patch_sweep
+from mechscope.circuits.evaluate import sae_agreement
 from mechscope.models import load
 from mechscope.tasks.base import TaskBatch
 
@@ -75,17 +76,6 @@ def gate(got: torch.Tensor, want: torch.Tensor) -> dict[str, Any]:
 
 def stats(ts: list[float]) -> dict[str, float]:
     return {"median": statistics.median(ts), "min": min(ts), "max": max(ts)}
-
-
-def agreement(exact: torch.Tensor, scores: torch.Tensor, k: int = 10) -> dict[str, float]:
-    """Spearman rank correlation and top-k overlap of ``scores`` with ``|exact|`` (ties in the
-    ranks broken by index, as argsort does)."""
-    a, b = exact.flatten().double().abs(), scores.flatten().double()
-    k = min(k, a.numel())
-    ta, tb = set(a.topk(k).indices.tolist()), set(b.topk(k).indices.tolist())
-    ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
-    rho = float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
-    return {"spearman": rho, "k": k, "topk_overlap": len(ta & tb) / k}
 
 
 # -- the peers ----------------------------------------------------------------------------------
@@ -240,7 +230,7 @@ def case(model, name: str, batch: TaskBatch, pair: tuple[torch.Tensor, torch.Ten
                        "n_train": config.n_train, "seed": config.seed},
         "pairs": dict(r1.pairs),
         "top_heads": [[int(ly), int(h), float(s)] for ly, h, s in r1.ranked_heads()[:5]],
-        "vs_exact_all_pos": agreement(exact.scores, r1.node_scores),
+        "vs_exact_all_pos": sae_agreement(r1.node_scores, exact.scores),
         "work": sae_work(model, r1, batch, config, pair is None),
     }  # fmt: skip
     if truth is not None:

@@ -27,34 +27,16 @@ circuits_app = typer.Typer(no_args_is_help=True,
 
 def _evaluation(model: Any, result: Any, task: str | None, n: int | None, seed: int, cfg: Any,
                 progress: bool) -> dict[str, Any] | None:  # fmt: skip
-    """ROC-AUC etc. of the SAE and the baselines against the zoo truth (None without truth)."""
-    from mechscope.circuits.evaluate import evaluate_methods, ranking_metrics
+    """ROC-AUC etc. of the SAE (this run's result) and the baselines against the zoo truth
+    (None for a model without ground truth)."""
+    from mechscope.circuits.evaluate import evaluate_methods
     from mechscope.models.loading import spec_of
 
-    spec = spec_of(model) or ""
-    if not spec.startswith("zoo:"):
+    if not (spec_of(model) or "").startswith("zoo:"):
         return None
-    from mechscope.models.zoo.groundtruth import GroundTruth
-
-    truth = GroundTruth.load(spec)
-    ev = evaluate_methods(model, task=task, n=n, seed=seed, sae_config=cfg, truth=truth,
-                          methods=("patching", "attribution", "detector"), progress=progress)  # fmt: skip
-    body = ev.payload()
-    sae = ranking_metrics(result.node_scores, truth.circuit_mask(), truth.effect())
-    sae["runtime_s"] = float(result.runtime["total_s"])
-    body["methods"] = {"sae": sae, **body["methods"]}
-    return body
-
-
-def _clean(x: Any) -> Any:
-    """NaN -> None, recursively (the JSON output never holds NaN)."""
-    if isinstance(x, float) and x != x:
-        return None
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_clean(v) for v in x]
-    return x
+    ev = evaluate_methods(model, task=task, n=n, seed=seed, sae_config=cfg, sae_result=result,
+                          progress=progress)  # fmt: skip
+    return ev.payload()
 
 
 @circuits_app.command("sae")
@@ -108,7 +90,6 @@ def sae_cmd(
         from mechscope.store import Store
 
         obj["run_id"] = result.save(Store(Path(store)))
-    obj = _clean(obj)
     p, fit = result.pairs, result.fit
     lines = [
         f"discrete-SAE circuit on task {result.task!r}: {obj['n_positive']} positive / "

@@ -204,3 +204,18 @@ def test_unknown_methods_and_wrong_truths_are_refused(ioi):
         evaluate_methods(ioi, methods=[], progress=False)
     with pytest.raises(InputError, match="heads but the model"):
         evaluate_methods(ioi, truth=GroundTruth.load("zoo:induction"), progress=False)
+
+
+def test_a_computed_sae_result_is_reused_not_trained_again(monkeypatch):
+    from mechscope.circuits.sae import sae_circuit
+
+    zoo = load("zoo:ioi")
+    res = sae_circuit(zoo, task_batch(zoo, n=16), config=FAST, progress=False)
+    monkeypatch.setitem(ev.RUNNERS, "sae", lambda *a: pytest.fail("the SAE was trained again"))
+    out = evaluate_methods(zoo, n=16, methods=["sae"], sae_config=FAST, sae_result=res,
+                           progress=False)  # fmt: skip
+    sae = out.method("sae")
+    assert torch.equal(sae.scores, res.node_scores) and sae.runtime_s == res.runtime["total_s"]
+    with pytest.raises(InputError, match="computed on task 'ioi_synthetic'"):
+        evaluate_methods(load("zoo:induction"), n=8, methods=["sae"], sae_result=res,
+                         progress=False)  # fmt: skip

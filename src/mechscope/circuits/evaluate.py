@@ -64,7 +64,7 @@ from mechscope.tasks.base import TaskBatch
 from mechscope.types import Model
 
 if TYPE_CHECKING:
-    from mechscope.circuits.sae import SAEConfig
+    from mechscope.circuits.sae import SAECircuit, SAEConfig
 
 __all__ = ["METHODS", "METRICS", "CircuitEvaluation", "MethodScore", "evaluate_methods",
            "ranking_metrics", "sae_agreement", "top_k_overlap"]  # fmt: skip
@@ -319,9 +319,12 @@ def _run_sae(model: Model, batch: TaskBatch, cfg: SAEConfig, progress: bool) -> 
     from mechscope.circuits.sae import sae_circuit
 
     circ = sae_circuit(model, batch, config=cfg, progress=progress)
-    note = (f"discrete SAE node scores ({cfg.n_features} features, {cfg.epochs} epochs, "
+    return circ.node_scores.detach().cpu().float(), _sae_note(cfg)
+
+
+def _sae_note(cfg: SAEConfig) -> str:
+    return (f"discrete SAE node scores ({cfg.n_features} features, {cfg.epochs} epochs, "
             f"{cfg.n_train} training prompts, reduce={cfg.reduce})")  # fmt: skip
-    return circ.node_scores.detach().cpu().float(), note
 
 
 def _run_patching(
@@ -420,6 +423,7 @@ def evaluate_methods(
     methods: Sequence[str] | None = None,
     sae_config: SAEConfig | None = None,
     truth: GroundTruth | None = None,
+    sae_result: SAECircuit | None = None,
     progress: bool = True,
 ) -> CircuitEvaluation:
     """Run head-ranking methods on one task batch and score each against the reference.
@@ -434,6 +438,9 @@ def evaluate_methods(
         truth: the reference; None: the zoo ground truth of a ``zoo:`` model, else exact head
             patching on the batch (then :attr:`CircuitEvaluation.agreement` reports the SAE
             against it).
+        sae_result: an :class:`~mechscope.circuits.sae.SAECircuit` already computed on this
+            batch (same task, n, seed and config): the ``sae`` method then reads its node scores
+            and runtime instead of training again.
         progress: progress bars.
 
     Raises:
@@ -458,6 +465,13 @@ def evaluate_methods(
         if name == "detector" and batch.task not in DETECTORS:
             skipped[name] = (f"no head-analysis detector for task {batch.task!r} (detectors "
                              f"exist for {sorted(DETECTORS)})")  # fmt: skip
+            continue
+        if name == "sae" and sae_result is not None:
+            if sae_result.task != batch.task:
+                raise InputError(f"sae_result was computed on task {sae_result.task!r}, this "
+                                 f"evaluation's batch is {batch.task!r}; pass the same task")  # fmt: skip
+            ranked[name] = (sae_result.node_scores.detach().cpu().float(), _sae_note(cfg),
+                            float(sae_result.runtime["total_s"]))  # fmt: skip
             continue
         t0 = time.perf_counter()
         scores, note = RUNNERS[name](model, batch, cfg, progress)

@@ -151,6 +151,13 @@ def head_inputs(model: Model, rows: list[list[int]], *, reduce: str = "mean",
     """Every head's output in residual space, reduced over positions: ``[prompt, layer*head,
     d_model]`` (heads layer-major). ``mean`` averages each row's real positions, ``answer``
     takes its last real position. Traced in batches of ``batch_size``, reduced as it goes."""
+    return _head_outputs(model, rows, reduce=reduce, batch_size=batch_size, progress=progress)[0]
+
+
+def _head_outputs(model: Model, rows: list[list[int]], *, reduce: str, batch_size: int,
+                  progress: bool) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """:func:`head_inputs` and, from the same forwards, each row's top-1 next token at its last
+    real position."""
     from tqdm.auto import tqdm
 
     from mechscope.probes import Tracer
@@ -159,9 +166,10 @@ def head_inputs(model: Model, rows: list[list[int]], *, reduce: str = "mean",
         raise InputError(f"reduce must be one of {REDUCE}, got {reduce!r}")
     n_layers = int(model.cfg.n_layers)
     positions = (-1,) if reduce == "answer" else None
-    out = []
+    out, top = [], []
     starts = range(0, len(rows), batch_size)
-    with Tracer(model, sites=("head_resid",), positions=positions, batch_size=batch_size) as tracer:
+    with Tracer(model, sites=("head_resid",), positions=positions, batch_size=batch_size,
+                top_k=1) as tracer:  # fmt: skip
         for s in tqdm(starts, desc="head outputs", unit="batch", disable=not progress or len(starts) < 2,
                       leave=False):  # fmt: skip
             tr = tracer.run(rows[s : s + batch_size], progress=False)
@@ -172,22 +180,23 @@ def head_inputs(model: Model, rows: list[list[int]], *, reduce: str = "mean",
             else:
                 x = x[:, 0]
             out.append(x.reshape(x.shape[0], -1, x.shape[-1]))
-    return torch.cat(out)
+            top.append(tr.top_tokens[:, 0])
+    return torch.cat(out), torch.cat(top)
 
 
-def _kept_pairs(model: Model, batch: TaskBatch, config: SAEConfig) -> tuple[list[list[int]], list[list[int]], dict[str, int]]:  # fmt: skip
-    """Minimal pairs whose clean row the model solves and whose corrupt row it does not."""
-    from mechscope.probes import Tracer
-
+def _pair_inputs(model: Model, batch: TaskBatch, config: SAEConfig,
+                 progress: bool) -> tuple[Tensor, Tensor, dict[str, int]]:  # fmt: skip
+    """Head outputs of the minimal pairs whose clean row the model solves and whose corrupt row
+    it does not; the predictions come from the same traced forwards."""
     lengths = batch.real_lengths
-    clean = [batch.clean[i, : int(lengths[i])].tolist() for i in range(batch.batch_size)]
-    corrupt = [batch.corrupt[i, : int(lengths[i])].tolist() for i in range(batch.batch_size)]
+    rows = [t[i, : int(lengths[i])].tolist() for t in (batch.clean, batch.corrupt)
+            for i in range(batch.batch_size)]  # fmt: skip
+    x, top = _head_outputs(model, rows, reduce=config.reduce, batch_size=config.batch_size,
+                           progress=progress)  # fmt: skip
+    b = batch.batch_size
     if bool((batch.answer_pos == lengths - 1).all()):
-        with Tracer(model, sites=("resid",), layers=(0,), positions=(-1,), top_k=1,
-                    batch_size=config.batch_size) as tr:  # fmt: skip
-            pred_clean = tr.run(clean, progress=False).top_tokens[:, 0]
-            pred_corrupt = tr.run(corrupt, progress=False).top_tokens[:, 0]
-    else:
+        pred_clean, pred_corrupt = top[:b], top[b:]
+    else:  # an answer before the last token: its logits need their own forward
         with torch.no_grad():
             pred_clean = batch.answer_logits(model(batch.clean.to(_device(model)))).argmax(-1).cpu()
             pred_corrupt = (
@@ -195,21 +204,20 @@ def _kept_pairs(model: Model, batch: TaskBatch, config: SAEConfig) -> tuple[list
             )
     solved = pred_clean == batch.answer
     keep = solved & (pred_corrupt != batch.answer)
-    counts = {"pairs": batch.batch_size, "clean_solved": int(solved.sum()),
+    counts = {"pairs": b, "clean_solved": int(solved.sum()),
               "corrupt_solved": int((pred_corrupt == batch.answer).sum()), "kept": int(keep.sum())}  # fmt: skip
     if counts["clean_solved"] == 0:
         raise InputError(f"the model cannot solve task {batch.task!r}: it predicts the answer on 0 "
-                         f"of {batch.batch_size} clean prompts. SAE circuits need positives the "
+                         f"of {b} clean prompts. SAE circuits need positives the "
                          "model solves; pick a task it solves (a zoo model solves its own task: "
                          "`mechscope zoo list`)")  # fmt: skip
     if counts["kept"] < 2:
-        raise InputError(f"only {counts['kept']} of {batch.batch_size} pairs of task {batch.task!r} "
+        raise InputError(f"only {counts['kept']} of {b} pairs of task {batch.task!r} "
                          f"are usable (the model solves {counts['clean_solved']} clean rows and "
                          f"also answers {counts['corrupt_solved']} corrupt rows with the clean "
                          "answer); at least 2 are needed: give more prompts (--n) or a task the "
                          "model solves more reliably")  # fmt: skip
-    idx = keep.nonzero().flatten().tolist()
-    return [clean[i] for i in idx], [corrupt[i] for i in idx], counts
+    return x[:b][keep], x[b:][keep], counts
 
 
 def _device(model: Model) -> torch.device:
@@ -381,18 +389,18 @@ def sae_circuit(
     pairs: dict[str, int] = {}
     if isinstance(task_or_pair, TaskBatch):
         task_name = task_or_pair.task
-        pos, neg, pairs = _kept_pairs(model, task_or_pair, cfg)
+        x_pos, x_neg, pairs = _pair_inputs(model, task_or_pair, cfg, progress)
     elif isinstance(task_or_pair, tuple) and len(task_or_pair) == 2:
         pos = _rows(model, task_or_pair[0], "positives")
         neg = _rows(model, task_or_pair[1], "negatives")
+        _check_lists(pos, neg, cfg.reduce)
+        x = head_inputs(model, pos + neg, reduce=cfg.reduce, batch_size=cfg.batch_size,
+                        progress=progress)  # fmt: skip
+        x_pos, x_neg = x[: len(pos)], x[len(pos) :]
     else:
         raise InputError("give a TaskBatch or a (positives, negatives) pair of prompt lists")
-    _check_lists(pos, neg, cfg.reduce)
-
-    x = head_inputs(model, pos + neg, reduce=cfg.reduce, batch_size=cfg.batch_size,
-                    progress=progress)  # fmt: skip
     trace_s = time.perf_counter() - t0
-    result = discover(x[: len(pos)], x[len(pos) :], n_heads=int(model.cfg.n_heads), config=cfg,
+    result = discover(x_pos, x_neg, n_heads=int(model.cfg.n_heads), config=cfg,
                       progress=progress, provenance=Provenance.of(model, cfg, seed=cfg.seed))  # fmt: skip
     runtime = {"trace_s": trace_s, **result.runtime}
     runtime["total_s"] = time.perf_counter() - t0
