@@ -21,7 +21,7 @@ A class attribute ``kind`` names the run kind (the snake-cased class name by def
 
 >>> import tempfile
 >>> from dataclasses import dataclass
->>> from mechscope.store import Store
+>>> from mechscope.store import RunWriter, Store
 >>> @dataclass(frozen=True, kw_only=True, eq=False)
 ... class Tally(Result):
 ...     kind = "tally"
@@ -64,13 +64,14 @@ from torch import Tensor
 from mechscope.errors import InputError, StoreError
 from mechscope.figures import layer_head_heatmap, token_layer_heatmap
 from mechscope.models.loading import fingerprint, spec_of
-from mechscope.store import Store
+from mechscope.store import RunWriter, Store
 from mechscope.store.jsonsafe import package_versions
 from mechscope.types import Model
 
 #: Bumped whenever the stored layout of a Result changes; :meth:`Result.load` refuses others.
 FORMAT_VERSION = 1
 _RESERVED = frozenset({"result", "provenance", "frame", "tensors"})
+_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def _config_default(value: Any) -> Any:
@@ -323,6 +324,32 @@ class Result(ABC):
             InputError: a field value that cannot be stored, or a field named like one of the
                 reserved results (``result``, ``provenance``, ``frame``, ``tensors``).
         """
+        payloads, tensors, meta = self._encoded()
+        prov = self.provenance
+        with store.run(self.kind, config=prov.config, model_spec=prov.model_spec, seed=prov.seed,
+                       model_fingerprint=prov.model_fingerprint) as run:
+            self._stage(run, "", payloads, tensors, meta)
+        return run.id
+
+    def stage(self, run: RunWriter, name: str) -> None:
+        """Stage the result inside a run that holds several (a demo, a ``discover`` pipeline).
+
+        Stored as :meth:`save` stores it, every result name prefixed by ``name.`` (``name.result``,
+        ``name.provenance``, ``name.frame``, one JSON result per field, ``name.tensors``);
+        :meth:`load` with ``name=`` rebuilds it and :func:`stored_results` lists a run's results.
+        Like everything staged, it becomes visible only when the run's block ends without error.
+
+        Raises:
+            InputError: a name that is empty or holds ``.`` or ``/``, a name already used in
+                this run, or a field that cannot be stored (see :meth:`save`).
+        """
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise InputError(f"a staged result's name is letters, digits, '_' and '-', not "
+                             f"{name!r}")  # fmt: skip
+        payloads, tensors, meta = self._encoded()
+        self._stage(run, f"{name}.", payloads, tensors, meta)
+
+    def _encoded(self) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, Any]]:
         tensors: dict[str, Tensor] = {}
         payloads: dict[str, Any] = {}
         for f in fields(self):
@@ -332,45 +359,52 @@ class Result(ABC):
                 raise InputError(f"{type(self).__name__} has a field named {f.name!r}; rename it "
                                  f"(reserved: {sorted(_RESERVED)})")  # fmt: skip
             payloads[f.name] = _encode(getattr(self, f.name), f.name, tensors, key=f.name)
-        frame = self.to_frame()
         meta = {"class": class_name(type(self)), "format": FORMAT_VERSION,
                 "fields": list(payloads)}  # fmt: skip
-        prov = self.provenance
-        with store.run(self.kind, config=prov.config, model_spec=prov.model_spec, seed=prov.seed,
-                       model_fingerprint=prov.model_fingerprint) as run:
-            run.add_json("result", meta)
-            run.add_json("provenance", asdict(prov))
-            run.add_table("frame", frame)
-            for name, payload in payloads.items():
-                run.add_json(name, payload)
-            if tensors:
-                run.add_tensors("tensors", tensors)
-        return run.id
+        return payloads, tensors, meta
+
+    def _stage(self, run: RunWriter, prefix: str, payloads: dict[str, Any],
+               tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:  # fmt: skip
+        frame = self.to_frame()
+        run.add_json(f"{prefix}result", meta)
+        run.add_json(f"{prefix}provenance", asdict(self.provenance))
+        run.add_table(f"{prefix}frame", frame)
+        for field_name, payload in payloads.items():
+            run.add_json(f"{prefix}{field_name}", payload)
+        if tensors:
+            run.add_tensors(f"{prefix}tensors", tensors)
 
     @classmethod
-    def load(cls: type[R], store: Store, run_id: str) -> R:
-        """Rebuild the result saved as run ``run_id`` (a unique prefix is enough).
+    def load(cls: type[R], store: Store, run_id: str, name: str | None = None) -> R:
+        """Rebuild the result saved as run ``run_id`` (a unique prefix is enough), or, with
+        ``name``, the one staged in that run under ``name`` (:meth:`stage`).
 
         ``Result.load`` itself loads whatever result class the run holds (importing it);
         a subclass loads only its own runs. Only reads, so a read-only store works.
 
         Raises:
-            StoreError: no such run, a run that is not complete, a run not saved by
-                :meth:`save`, a run of another class or result format, or stored fields that
-                no longer match the class.
+            StoreError: no such run, a run that is not complete, a run (or name) not saved by
+                :meth:`save` (:meth:`stage`), a run of another class or result format, or
+                stored fields that no longer match the class.
         """
         rec = store.get_run(run_id)
         if rec.status != "complete":
             why = f" ({rec.error})" if rec.error else ""
             raise StoreError(f"run {rec.id} is {rec.status}{why}; only a complete run can be "
                              "loaded as a result")  # fmt: skip
+        prefix = "" if name is None else f"{name}."
         names = store.result_names(rec.id)
-        if names.get("result") != "json" or names.get("provenance") != "json":
+        if names.get(f"{prefix}result") != "json" or names.get(f"{prefix}provenance") != "json":
+            if name is not None:
+                have = sorted(stored_results(store, rec.id))
+                raise StoreError(f"run {rec.id} (kind {rec.kind!r}) holds no result named "
+                                 f"{name!r}; it holds {have}")  # fmt: skip
             raise StoreError(f"run {rec.id} (kind {rec.kind!r}) was not saved by Result.save; "
                              f"it holds {names}")  # fmt: skip
-        meta = store.json(rec.id, "result")
+        meta = store.json(rec.id, f"{prefix}result")
+        where = f"run {rec.id}" + ("" if name is None else f" (result {name!r})")
         if meta.get("format") != FORMAT_VERSION:
-            raise StoreError(f"run {rec.id} was saved in result format {meta.get('format')}; "
+            raise StoreError(f"{where} was saved in result format {meta.get('format')}; "
                              f"this mechscope reads format {FORMAT_VERSION}")  # fmt: skip
         stored = str(meta["class"])
         target: type[Result] = cls
@@ -380,16 +414,42 @@ class Result(ABC):
                 raise StoreError(f"the stored class {stored} is not a Result")
             target = found
         elif stored != class_name(cls):
-            raise StoreError(f"run {rec.id} holds a {stored}, not a {class_name(cls)}; load it "
+            raise StoreError(f"{where} holds a {stored}, not a {class_name(cls)}; load it "
                              "with that class, or with Result.load")  # fmt: skip
-        tensors = store.tensors(rec.id, "tensors") if names.get("tensors") == "tensors" else {}
+        tensors = (store.tensors(rec.id, f"{prefix}tensors")
+                   if names.get(f"{prefix}tensors") == "tensors" else {})  # fmt: skip
         try:
-            prov = Provenance(**store.json(rec.id, "provenance"))
-            kwargs = {n: _decode(store.json(rec.id, n), tensors) for n in meta["fields"]}
+            prov = Provenance(**store.json(rec.id, f"{prefix}provenance"))
+            kwargs = {n: _decode(store.json(rec.id, f"{prefix}{n}"), tensors)
+                      for n in meta["fields"]}  # fmt: skip
             return cast(R, target(provenance=prov, **kwargs))
         except TypeError as exc:
-            raise StoreError(f"run {rec.id} does not match {class_name(target)} as it is now: "
+            raise StoreError(f"{where} does not match {class_name(target)} as it is now: "
                              f"{exc}") from exc  # fmt: skip
+
+
+def stored_results(store: Store, run_id: str) -> dict[str, str]:
+    """The :class:`Result` objects a complete run holds: ``name -> stored class``
+    (``module:Class``), sorted by name.
+
+    The name is ``""`` for a run written by :meth:`Result.save`, else the name given to
+    :meth:`Result.stage`. Load each with ``Result.load(store, run_id, name or None)``.
+    Reads only the small ``result`` records, never tensors.
+    """
+    rec = store.get_run(run_id)
+    if rec.status != "complete":
+        return {}
+    found: dict[str, str] = {}
+    for key, kind in store.result_names(rec.id).items():
+        if kind != "json" or not (key == "result" or key.endswith(".result")):
+            continue
+        name = "" if key == "result" else key[: -len(".result")]
+        if "." in name:
+            continue
+        meta = store.json(rec.id, key)
+        if isinstance(meta, dict) and "class" in meta and "format" in meta:
+            found[name] = str(meta["class"])
+    return found
 
 
 # -- reusable results --------------------------------------------------------------------------
@@ -511,4 +571,5 @@ __all__ = [
     "class_name",
     "plain_config",
     "same",
+    "stored_results",
 ]

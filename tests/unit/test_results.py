@@ -258,3 +258,35 @@ def test_layer_position_scores(tmp_path):
     with pytest.raises(InputError, match="2 entries but scores has 3"):
         LayerPositionScores(provenance=Provenance.of(None), scores=scores, tokens=["a", "b"],
                             metric="x")  # fmt: skip
+
+
+def test_staged_results_round_trip_inside_one_run(tmp_path) -> None:
+    """Several results staged in one run come back equal, by name; stored_results lists them."""
+    from mechscope.results import stored_results
+
+    store = Store(tmp_path)
+    a = HeadScores(provenance=Provenance.of(None, {"a": 1}, seed=0), scores=torch.rand(2, 3),
+                   metric="a")
+    b = HeadScores(provenance=Provenance.of(None, {"b": 2}, seed=1), scores=torch.rand(2, 3),
+                   metric="b")
+    with store.run("bundle", seed=0) as run:
+        a.stage(run, "first")
+        b.stage(run, "second-one")
+        run.add_json("other", {"x": 1})
+    ro = Store(tmp_path, readonly=True)
+    assert stored_results(ro, run.id) == {"first": class_name(HeadScores),
+                                          "second-one": class_name(HeadScores)}
+    assert Result.load(ro, run.id, "first") == a
+    assert HeadScores.load(ro, run.id, "second-one") == b
+    with pytest.raises(StoreError, match="holds no result named 'third'"):
+        Result.load(ro, run.id, "third")
+    saved = a.save(store)
+    assert stored_results(store, saved) == {"": class_name(HeadScores)}
+
+
+def test_stage_refuses_bad_names(tmp_path) -> None:
+    store = Store(tmp_path)
+    r = HeadScores(provenance=Provenance.of(None, {}, seed=0), scores=torch.rand(1, 1), metric="r")
+    with pytest.raises(InputError, match="letters, digits"), store.run("bundle") as run:
+        r.stage(run, "a.b")
+    assert store.runs()[0].status == "failed"
