@@ -21,8 +21,10 @@ import typer
 from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer vendors click
 from typer.main import get_command
 
+from mechscope.cli_app import app_cmd
 from mechscope.cli_circuits import circuits_app
 from mechscope.cli_heads import heads_app
+from mechscope.cli_report import report_cmd
 from mechscope.errors import InputError, MechscopeError, StoreError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -31,6 +33,8 @@ zoo_app = typer.Typer(no_args_is_help=True, help="The zoo of small models with k
 app.add_typer(zoo_app, name="zoo")
 app.add_typer(heads_app, name="heads")
 app.add_typer(circuits_app, name="circuits")
+app.command("app")(app_cmd)
+app.command("report")(report_cmd)
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 StoreOpt = Annotated[Path, typer.Option("--store", help="Store directory.")]
