@@ -17,7 +17,7 @@ naming the mismatch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -307,6 +307,95 @@ def circuit_graph(
     return fig
 
 
+def head_ranks(scores: np.ndarray) -> np.ndarray:
+    """Rank of every head by score, 1 = best (ties keep layer-major order; NaN heads get NaN).
+
+    >>> head_ranks(np.array([[0.5, np.nan], [0.9, 0.5]]))
+    array([[ 2., nan],
+           [ 1.,  3.]])
+    """
+    flat = scores.reshape(-1)
+    valid = ~np.isnan(flat)
+    order = np.argsort(-np.where(valid, flat, -np.inf), kind="stable")
+    ranks = np.full(flat.shape, np.nan)
+    ranks[order[: int(valid.sum())]] = np.arange(1, int(valid.sum()) + 1)
+    return ranks.reshape(scores.shape)
+
+
+def head_rank_comparison(grids: Mapping[str, ArrayLike | Sequence[Any]], k: int = 10) -> go.Figure:
+    """The cross-method agreement view: the same heads as ranked by each method, side by side.
+
+    One ``[layer, head]`` panel per method (x = head, y = layer, layer 0 on top), coloured by the
+    head's rank turned into a percentile (1 = the method's best head, 0 = its worst), so methods
+    on different scales compare at a glance; each method's ``k`` best heads are marked with a
+    cross. Hovering a cell shows the method, the head, its raw score and its rank.
+
+    Args:
+        grids: method name -> ``[layer, head]`` scores (higher = more important); every grid
+            has the same shape. NaN heads (not scored) stay blank.
+        k: heads marked per method (fewer when a method scores fewer heads).
+
+    Returns:
+        A figure with one heatmap per method (in the order given, sharing one colour axis)
+        followed by one scatter of the top-``k`` heads per method.
+
+    Raises:
+        InputError: no grids, grids of different shapes or not two-dimensional, or ``k < 1``.
+
+    >>> fig = head_rank_comparison({"a": [[0.1, 0.9]], "b": [[2.0, 1.0]]}, k=1)
+    >>> [t.type for t in fig.data], list(fig.data[2].x), list(fig.data[3].x)
+    (['heatmap', 'heatmap', 'scatter', 'scatter'], [1], [0])
+    """
+    from plotly.subplots import make_subplots
+
+    if not grids:
+        raise InputError("head_rank_comparison needs at least one method's [layer, head] grid")
+    if k < 1:
+        raise InputError(f"k must be >= 1, got {k}")
+    arrays = {str(name): as_numpy(g, ndim=2, axes="[layer, head]", what=f"the grid of {name!r}")
+              for name, g in grids.items()}  # fmt: skip
+    shapes = {name: a.shape for name, a in arrays.items()}
+    if len(set(shapes.values())) > 1:
+        raise InputError(f"every method's grid must have the same [layer, head] shape, got {shapes}")
+    n_layers, n_heads = next(iter(arrays.values())).shape
+    fig = make_subplots(rows=1, cols=len(arrays), subplot_titles=list(arrays),
+                        horizontal_spacing=min(0.04, 0.5 / len(arrays)))  # fmt: skip
+    labels = [[f"L{layer}H{head}" for head in range(n_heads)] for layer in range(n_layers)]
+    marks = []
+    for col, (name, z) in enumerate(arrays.items(), start=1):
+        ranks = head_ranks(z)
+        n_valid = int((~np.isnan(ranks)).sum())
+        pct = 1.0 - (ranks - 1.0) / max(n_valid - 1, 1)
+        fig.add_trace(go.Heatmap(
+            z=pct, x=list(range(n_heads)), y=list(range(n_layers)), text=labels,
+            customdata=np.stack([z, ranks], axis=-1), coloraxis="coloraxis", name=name,
+            hovertemplate=(f"{name}<br>%{{text}}: score %{{customdata[0]:.4g}}, rank "
+                           f"%{{customdata[1]}} of {n_valid}<extra></extra>"),
+        ), row=1, col=col)  # fmt: skip
+        top = np.argwhere(ranks <= k)
+        top = top[np.argsort(ranks[top[:, 0], top[:, 1]], kind="stable")]
+        marks.append((col, name, top, ranks, z))
+        fig.update_xaxes(tickmode="linear", dtick=1, title_text="head", row=1, col=col)
+        fig.update_yaxes(tickmode="linear", dtick=1, autorange="reversed", row=1, col=col)
+    for col, name, top, ranks, z in marks:
+        fig.add_trace(go.Scatter(
+            x=[int(h) for _, h in top], y=[int(layer) for layer, _ in top], mode="markers",
+            name=f"{name} top {k}", showlegend=False,
+            marker={"symbol": "x", "size": 9, "color": "black"},
+            hovertext=[f"{name}: L{layer}H{h} rank {int(ranks[layer, h])} "
+                       f"(score {z[layer, h]:.4g})" for layer, h in top], hoverinfo="text",
+        ), row=1, col=col)  # fmt: skip
+    fig.update_yaxes(title_text="layer", row=1, col=1)
+    fig.update_layout(
+        title=f"cross-method agreement: each method's head ranks (1 = its best head; "
+              f"x = its top {k})",
+        coloraxis={"colorscale": "Viridis", "cmin": 0.0, "cmax": 1.0,
+                   "colorbar": {"title": {"text": "rank pct"}}},
+        plot_bgcolor="white",
+    )  # fmt: skip
+    return fig
+
+
 __all__ = [
     "CircuitEdge",
     "CircuitNode",
@@ -314,6 +403,8 @@ __all__ = [
     "attention_pattern",
     "circuit_graph",
     "edge_width",
+    "head_rank_comparison",
+    "head_ranks",
     "layer_head_heatmap",
     "layered_layout",
     "position_labels",
