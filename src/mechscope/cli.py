@@ -48,6 +48,10 @@ def _emit(obj: Any, as_json: bool, human: str) -> None:
         sys.stdout.write(human.rstrip() + "\n")
 
 
+def _clip(text: str, n: int = 72) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
 def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
     if text is None or text.strip() == "":
         return None
@@ -407,10 +411,16 @@ def demo(
         help="Run the head analyses: attention sinks, retrieval heads, head divergence.")] = True,
     circuits: Annotated[bool, typer.Option(
         "--circuits/--no-circuits",
-        help="Run discrete-SAE circuit discovery (about 40 s on SmolLM2 on a CPU).")] = True,
+        help="Run discrete-SAE circuit discovery and score it against the baselines (about "
+             "100 s on SmolLM2 on a CPU).")] = True,
+    report: Annotated[Path | None, typer.Option(
+        "--report", help="Where to write the run's HTML report (default: "
+                         "STORE/reports/RUN_ID.html).")] = None,
+    write_report: Annotated[bool, typer.Option(
+        "--write-report/--no-report", help="Write the HTML report at the end.")] = True,
     as_json: JsonFlag = False,
 ) -> None:
-    """The main job: every analysis on one model -> a run in the store."""
+    """The main job: every analysis on one model -> a run in the store, and its HTML report."""
     from mechscope.demo import DemoConfig, run_demo
 
     if store.exists() and not store.is_dir():
@@ -418,12 +428,18 @@ def demo(
         raise StoreError(f"--store {store} is a file; a store is a folder. Give a new folder"
                          + (f", e.g. --store {shlex.quote(str(folder))}" if folder else ""))
 
+    if report is not None and report.is_dir():
+        raise MechscopeError(f"--report {report} is a folder; give the report file's path, "
+                             f"e.g. --report {shlex.quote(str(report / 'report.html'))}")
     summary = run_demo(DemoConfig(model=model, attribution=attribution, heads=heads,
-                                circuits=circuits), store)
+                                  circuits=circuits, report=write_report), store, report=report)
     lines = [f"run {summary['run_id']} saved to {summary['store']}"]
-    lines += [f"  {r['prompt']!r} -> {r['top1']!r} (p={r['p_top1']:.3f})" for r in summary["predictions"]]
+    lines += [f"  {_clip(r['prompt'])!r} -> {r['top1']!r} (p={r['p_top1']:.3f})"
+              for r in summary["predictions"]]
     ct, pa = summary.get("causal_trace"), summary.get("patching")
-    if ct:
+    if ct and "skipped" in ct:
+        lines.append(f"  causal trace: skipped ({ct['skipped']})")
+    elif ct:
         pk = ct["peak"]
         lines.append(f"  causal trace ({ct['kind']}, {ct['samples']} samples) p({ct['target']!r}): "
                      f"clean {ct['p_clean']:.3f}, corrupt {ct['p_corrupt']:.3f}; peak IE "
@@ -434,8 +450,16 @@ def demo(
                      f"p clean {pa['p_clean']:.3f}, corrupt {pa['p_corrupt']:.3f}; peak "
                      f"{pk['score']:.3f} at layer {pk['layer']}, token {pk['token']!r}")
     for name, h in (summary.get("heads") or {}).items():
+        if name == "circuit_evaluation" and "methods" in h:
+            aucs = ", ".join(f"{m} " + ("n/a" if v.get("roc_auc") is None else f"{v['roc_auc']:.3f}")
+                             for m, v in h["methods"].items())
+            lines.append(f"  circuit_evaluation (ROC-AUC vs {h['reference'].split(' (')[0]}): {aucs}")
+            continue
         lines.append(f"  {name}: " + (f"skipped ({h['skipped']})" if "skipped" in h else
                                       f"heads {h.get('heads', [])[:8]}"))
+    if summary.get("report"):
+        lines.append(f"report: {summary['report']}")
+    lines.append(f"open the dashboard: mechscope app --store {shlex.quote(str(store))}")
     human = "\n".join(lines)
     _emit(summary, as_json, human)
 

@@ -10,7 +10,19 @@ model without a tokenizer (zoo, native) the last two use the first demo row: sub
 Then the head analyses (:mod:`mechscope.circuits`), each on its built-in inputs for the model
 (``default_run``): attention sinks, retrieval heads and head divergence; then discrete-SAE
 circuit discovery (:mod:`mechscope.circuits.sae`) on the model's built-in minimal pairs (IOI on
-a text model, a zoo model's own task). Each step is a public function; the demo only chains them.
+a text model, a zoo model's own task), and the circuit evaluation
+(:func:`~mechscope.circuits.evaluate.evaluate_methods`): the SAE and the baselines scored against
+the model's ground truth (a zoo model) or exact head patching (any other model). Each step is a
+public function; the demo only chains them. Last, a self-contained HTML report of the run
+(:mod:`mechscope.report`).
+
+The run (kind ``demo``) holds: the table ``predictions``; JSON ``model``, ``trace_shapes`` and
+``tokens`` (each prompt's tokens as text); tensors ``head_norms`` and ``patterns_prompt{i}``
+(``layer{l}``: ``[head, query, key]``, each prompt's real tokens); every analysis as a
+:class:`~mechscope.results.Result` staged under its step's name (``causal_trace``, ``patching``,
+``sinks``, ``retrieval_heads``, ``head_divergence``, ``sae_circuit``, ``circuit_evaluation``;
+read with ``Result.load(store, run_id, name)``); and JSON ``{name}_summary`` for each step (a
+step that cannot run on the model holds only ``{"skipped": reason}``).
 """
 
 from __future__ import annotations
@@ -41,7 +53,8 @@ class DemoConfig:
 
     ``attribution=False`` skips causal tracing and patching; ``heads=False`` skips the head
     analyses (sinks, retrieval heads, head divergence); ``circuits=False`` skips the SAE circuit
-    (about 40 s on SmolLM2 on 2 cores). ``trace_samples``: the noisy runs of
+    and its evaluation (about 40 s and 60 s on SmolLM2 on 2 cores); ``report=False`` skips the
+    HTML report. ``trace_samples``: the noisy runs of
     the causal trace (ROME uses 10; 3 keeps the demo quick). ``trace_prompt``: (prompt, subject,
     target) of the causal trace on a model with a tokenizer.
     """
@@ -53,23 +66,49 @@ class DemoConfig:
     attribution: bool = True
     heads: bool = True
     circuits: bool = True
+    report: bool = True
     trace_samples: int = 3
     trace_prompt: tuple[str, str, str] = TRACE_PROMPT
 
 
-def demo_inputs(model: Model, config: DemoConfig) -> list[str] | torch.Tensor:
-    """The demo's prompts: ``config.prompts`` for a model with a tokenizer; for zoo and native
-    models (no tokenizer) as many rows of random token ids, seeded by ``config.seed`` through a
-    local generator (the global torch generator is left alone)."""
+def demo_inputs(model: Model, config: DemoConfig) -> Any:
+    """The demo's prompts: ``config.prompts`` for a model with a tokenizer; for a zoo model the
+    first rows of its own task's minimal pairs (a :class:`~mechscope.tasks.TaskBatch`, the pairs
+    its ground truth was measured on); for a native model as many rows of random token ids,
+    seeded by ``config.seed`` through a local generator (the global torch generator is left
+    alone)."""
     if model.tokenizer is not None:
         return list(config.prompts)
+    batch = _zoo_batch(model, config)
+    if batch is not None:
+        return batch
     gen = torch.Generator().manual_seed(config.seed)
     n = min(16, int(model.cfg.n_ctx))
     return torch.randint(1, int(model.cfg.d_vocab), (len(config.prompts), n), generator=gen)
 
 
-def run_demo(config: DemoConfig, store_dir: str | Path, *, progress: bool = True) -> dict[str, Any]:
+def _zoo_batch(model: Model, config: DemoConfig) -> Any:
+    """A zoo model's own minimal pairs (as many rows as ``config.prompts``), or None."""
+    from mechscope.circuits.sae import task_batch
+    from mechscope.models.loading import spec_of
+    from mechscope.tasks.base import TaskBatch
+
+    if not (spec_of(model) or "").startswith("zoo:"):
+        return None
+    b = task_batch(model, None, len(config.prompts), config.seed)
+    k = min(len(config.prompts), b.batch_size)
+    n = int(b.real_lengths[:k].max())
+    return TaskBatch(task=b.task, clean=b.clean[:k, :n], corrupt=b.corrupt[:k, :n],
+                     answer=b.answer[:k], corrupt_answer=b.corrupt_answer[:k],
+                     answer_pos=b.answer_pos[:k], lengths=b.real_lengths[:k], seed=b.seed)
+
+
+def run_demo(config: DemoConfig, store_dir: str | Path, *, progress: bool = True,
+             report: str | Path | None = None) -> dict[str, Any]:  # fmt: skip
     """Run the demo and save it as one run; returns a JSON-able summary.
+
+    Then (``config.report``) writes the run's HTML report to ``report`` (default
+    ``<store>/reports/<run id>.html``); its path is the summary's ``report``.
 
     Timings (seconds): ``load`` (the model), ``trace``, ``causal_trace`` and ``patching`` (when
     ``config.attribution``), and ``total`` (load included, so ``total >= load``). The summary has
@@ -93,8 +132,19 @@ def run_demo(config: DemoConfig, store_dir: str | Path, *, progress: bool = True
             heads = _heads(model, config, run, progress=progress) if config.heads else {}
             if config.circuits:
                 heads.update(_heads(model, config, run, progress=progress, steps=CIRCUIT_STEPS))
+                if "result" in heads.get("sae_circuit", {}):
+                    heads["circuit_evaluation"] = _evaluate(
+                        model, config, run, heads["sae_circuit"].pop("result"), progress=progress)
         finally:
+            for h in heads.values() if "heads" in locals() else ():
+                h.pop("result", None)
             run.time("total", time.perf_counter() - t0)
+    report_path = None
+    if config.report:
+        from mechscope.report import write_report
+
+        out = Path(report) if report is not None else Path(store_dir) / "reports" / f"{run.id}.html"
+        report_path = str(write_report(Store(store_dir, readonly=True), run.id, out).resolve())
     return {
         "run_id": run.id,
         "store": str(Path(store_dir).resolve()),
@@ -104,6 +154,7 @@ def run_demo(config: DemoConfig, store_dir: str | Path, *, progress: bool = True
         "patching": steps.get("patching"),
         "heads": heads or None,
         "timings": run.timings,
+        "report": report_path,
     }
 
 
@@ -112,6 +163,7 @@ def _analyse(model: Model, config: DemoConfig, run: RunWriter, *,
     """The demo's steps inside the run: trace, predictions, head norms, patterns, shapes."""
     from mechscope.models import describe
     from mechscope.probes import trace
+    from mechscope.tasks.base import TaskBatch
 
     t1 = time.perf_counter()
     prompts = demo_inputs(model, config)
@@ -120,8 +172,10 @@ def _analyse(model: Model, config: DemoConfig, run: RunWriter, *,
     tr = trace(model, prompts, sites=sites, progress=progress)
     run.time("trace", time.perf_counter() - t1)
     tokenizer = model.tokenizer
+    rows_ids = prompts.clean if isinstance(prompts, TaskBatch) else prompts
     labels = (list(config.prompts) if isinstance(prompts, list) else
-              [" ".join(map(str, row.tolist())) for row in prompts])
+              [" ".join(map(str, row[: int(n)].tolist()))
+               for row, n in zip(rows_ids, tr.lengths, strict=True)])  # fmt: skip
     rows = []
     for i, prompt in enumerate(labels):
         top = [tokenizer.decode([int(t)]) if tokenizer is not None else str(int(t))
@@ -137,20 +191,25 @@ def _analyse(model: Model, config: DemoConfig, run: RunWriter, *,
         z = tr.heads(layer)[torch.arange(tr.n_prompts), last]  # [batch, head, d_head]
         norms.append(z.norm(dim=-1).mean(0))
     run.add_tensors("head_norms", {"last_token_mean": torch.stack(norms)})
-    run.add_tensors("patterns_prompt0", {
-        f"layer{layer}": tr.pattern(layer)[0, :, : int(tr.lengths[0]), : int(tr.lengths[0])]
-        for layer in tr.layers("patterns")
-    })
+    ids = rows_ids if not isinstance(prompts, list) else tr.tokens
+    run.add_json("tokens", [
+        [tokenizer.decode([int(t)]) if tokenizer is not None else str(int(t))
+         for t in ids[i, : int(tr.lengths[i])]] for i in range(tr.n_prompts)])  # fmt: skip
+    # every prompt's patterns; only the first one's for long prompts (zoo:retrieval's 256
+    # tokens x 32 heads would be 34 MB for four)
+    for i in range(tr.n_prompts if int(tr.lengths.max()) <= 128 else 1):
+        n = int(tr.lengths[i])
+        run.add_tensors(f"patterns_prompt{i}", {
+            f"layer{layer}": tr.pattern(layer)[i, :, :n, :n] for layer in tr.layers("patterns")})
     run.add_json("trace_shapes", tr.shapes())
     run.add_json("model", describe(model, config.model).to_dict())
     return rows
 
 
 def _add_result(run: RunWriter, name: str, result: Any, summary: dict[str, Any]) -> None:
-    """Stage a result inside the demo's run: its table ``name``, its scores ``name_scores``
-    (tensors) and ``name_summary`` (JSON: the summary and the provenance's config)."""
-    run.add_table(name, result.to_frame())
-    run.add_tensors(f"{name}_scores", {"scores": result.scores})
+    """Stage a result inside the demo's run under ``name`` (:meth:`Result.stage`), with
+    ``name_summary`` (JSON: the summary and the provenance's config)."""
+    result.stage(run, name)
     run.add_json(f"{name}_summary", {**summary, "config": result.provenance.config})
 
 
@@ -162,33 +221,49 @@ def _attribution(model: Model, config: DemoConfig, run: RunWriter, *,
 
     tokenizer = model.tokenizer
     prompts = demo_inputs(model, config)
+    skipped: dict[str, dict[str, Any]] = {}
+    inputs: tuple[Any, Any, Any] | None
     if tokenizer is not None:
         prompt, subject, target = config.trace_prompt
-        inputs: tuple[Any, Any, Any] = (prompt, subject, target)
+        inputs = (prompt, subject, target)
+    elif isinstance(prompts, TaskBatch) and prompts.task != "facts":
+        inputs = None  # causal tracing noises a subject; of the zoo tasks only facts has one
+        skipped["causal_trace"] = {"skipped": f"causal tracing noises a subject, and task "
+                                   f"{prompts.task!r} has none (of the zoo, zoo:facts has)"}
+    elif isinstance(prompts, TaskBatch):  # zoo:facts: [BOS] subject REL -> attribute
+        a = int(prompts.answer_pos[0])
+        inputs = ([int(t) for t in prompts.clean[0, : a + 1]], (1, a), int(prompts.answer[0]))
     else:
         assert isinstance(prompts, torch.Tensor)
         inputs = ([int(t) for t in prompts[0]], (1, min(3, prompts.shape[1] - 1)), None)
 
-    t0 = time.perf_counter()
-    ct = causal_trace(model, inputs[0], inputs[1], target=inputs[2], kind="hidden",
-                      samples=config.trace_samples, seed=config.seed, progress=progress)
-    layer, pos = ct.argmax()
-    trace_summary = {
-        "prompt": inputs[0] if isinstance(inputs[0], str) else " ".join(map(str, inputs[0])),
-        "subject": list(ct.subject), "target": ct.target_token, "kind": ct.trace_kind,
-        "samples": ct.samples, "p_clean": ct.p_clean, "p_corrupt": ct.p_corrupt,
-        "total_effect": ct.total_effect,
-        "peak": {"layer": layer, "pos": pos, "token": ct.tokens[pos],
-                 "indirect_effect": float(ct.indirect_effect[layer, pos])},
-    }  # fmt: skip
-    _add_result(run, "causal_trace", ct, trace_summary)
-    run.time("causal_trace", time.perf_counter() - t0)
+    trace_summary = skipped.get("causal_trace")
+    if trace_summary is not None:
+        run.add_json("causal_trace_summary", trace_summary)
+    else:
+        assert inputs is not None
+        t0 = time.perf_counter()
+        ct = causal_trace(model, inputs[0], inputs[1], target=inputs[2], kind="hidden",
+                          samples=config.trace_samples, seed=config.seed, progress=progress)
+        layer, pos = ct.argmax()
+        trace_summary = {
+            "prompt": inputs[0] if isinstance(inputs[0], str) else " ".join(map(str, inputs[0])),
+            "subject": list(ct.subject), "target": ct.target_token, "kind": ct.trace_kind,
+            "samples": ct.samples, "p_clean": ct.p_clean, "p_corrupt": ct.p_corrupt,
+            "total_effect": ct.total_effect,
+            "peak": {"layer": layer, "pos": pos, "token": ct.tokens[pos],
+                     "indirect_effect": float(ct.indirect_effect[layer, pos])},
+        }  # fmt: skip
+        _add_result(run, "causal_trace", ct, trace_summary)
+        run.time("causal_trace", time.perf_counter() - t0)
 
     t1 = time.perf_counter()
     if tokenizer is not None:
         from mechscope.tasks import ioi
 
         task: TaskBatch = ioi(tokenizer, 1, seed=config.seed)  # one row: no padding
+    elif isinstance(prompts, TaskBatch):  # a zoo model: the first of its own pairs
+        task = _first_pair(prompts)
     else:
         assert isinstance(prompts, torch.Tensor)
         task = _token_pair(model, prompts[0])
@@ -236,15 +311,42 @@ def _heads(model: Model, config: DemoConfig, run: RunWriter, *, progress: bool,
             out[name] = {"skipped": str(exc)}
             run.add_json(f"{name}_summary", out[name])
             continue
-        payload = result.payload()
-        summary = {k: v for k, v in payload.items() if k != "scores"}
-        run.add_table(name, result.to_frame())
-        run.add_tensors(f"{name}_scores", {"scores": torch.tensor(
-            [[float("nan") if v is None else v for v in row] for row in payload["scores"]])})
-        run.add_json(f"{name}_summary", {**summary, "config": result.provenance.config})
+        summary = {k: v for k, v in result.payload().items() if k != "scores"}
+        _add_result(run, name, result, summary)
         run.time(name, time.perf_counter() - t0)
-        out[name] = summary
+        out[name] = {**summary, "result": result}
     return out
+
+
+def _evaluate(model: Model, config: DemoConfig, run: RunWriter, sae: Any, *,
+              progress: bool) -> dict[str, Any]:  # fmt: skip
+    """Score the SAE circuit and the baselines (exact head patching, attribution patching, the
+    task's detector) on the SAE's own batch, against the zoo ground truth or, on any other
+    model, against exact head patching (:func:`~mechscope.circuits.evaluate.evaluate_methods`)."""
+    from mechscope.circuits.evaluate import evaluate_methods
+    from mechscope.errors import InputError
+
+    t0 = time.perf_counter()
+    try:
+        # the SAE's own batch: default_run's task_batch(model, None, None, seed)
+        ev = evaluate_methods(model, seed=config.seed, sae_result=sae, progress=progress)
+    except InputError as exc:
+        run.add_json("circuit_evaluation_summary", {"skipped": str(exc)})
+        return {"skipped": str(exc)}
+    summary = {k: v for k, v in ev.payload().items() if k not in ("scores", "effect")}
+    _add_result(run, "circuit_evaluation", ev, summary)
+    run.time("circuit_evaluation", time.perf_counter() - t0)
+    return summary
+
+
+def _first_pair(batch: Any) -> Any:
+    """The first row of a task batch, trimmed to its real length."""
+    from mechscope.tasks.base import TaskBatch
+
+    n = int(batch.real_lengths[0])
+    return TaskBatch(task=batch.task, clean=batch.clean[:1, :n], corrupt=batch.corrupt[:1, :n],
+                     answer=batch.answer[:1], corrupt_answer=batch.corrupt_answer[:1],
+                     answer_pos=batch.answer_pos[:1], seed=batch.seed)  # fmt: skip
 
 
 @torch.no_grad()

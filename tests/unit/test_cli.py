@@ -69,9 +69,20 @@ def test_demo_and_runs(capsys, tmp_path):
     out, _ = _ok(capsys, "runs", "--store", str(store), "--json")
     runs = json.loads(out)["runs"]
     assert len(runs) == 1 and runs[0]["status"] == "complete"
-    assert set(runs[0]["results"]) >= {"predictions", "head_norms", "trace_shapes",
-                                       "causal_trace", "causal_trace_scores", "patching",
-                                       "patching_scores", "patching_summary"}
+    assert set(runs[0]["results"]) >= {"predictions", "head_norms", "trace_shapes", "tokens",
+                                       "patterns_prompt0", "patterns_prompt3",
+                                       "causal_trace.result", "causal_trace_summary",
+                                       "patching.result", "patching_summary"}
+    # every analysis is a Result staged in the run, loadable by name
+    from mechscope.results import Result, stored_results
+    from mechscope.store import Store
+
+    ro = Store(store, readonly=True)
+    staged = stored_results(ro, summary["run_id"])
+    assert {"causal_trace", "patching", "sinks"} <= set(staged)
+    assert Result.load(ro, summary["run_id"], "causal_trace").trace_kind == "hidden"
+    # the report is written and the summary says where; the human output says how to open it
+    assert Path(summary["report"]).is_file() and summary["report"].endswith(".html")
     ct, pa = summary["causal_trace"], summary["patching"]
     assert ct["kind"] == "hidden" and ct["subject"] == [1, 3] and ct["samples"] == 3
     assert 0.0 <= ct["p_corrupt"] <= 1.0 and 0.0 <= ct["p_clean"] <= 1.0
@@ -81,12 +92,35 @@ def test_demo_and_runs(capsys, tmp_path):
     assert "no tokenizer" in summary["heads"]["sae_circuit"]["skipped"]
 
 
+def test_demo_on_a_zoo_model_scores_against_its_ground_truth(capsys, tmp_path):
+    """On a zoo model the demo runs on the model's own minimal pairs and scores the circuit
+    methods against the zoo truth; causal tracing (which needs a subject) is skipped, saying
+    why; the report and the dashboard command are printed."""
+    store = tmp_path / "store"
+    out, _ = _ok(capsys, "demo", "--model", "zoo:ioi", "--store", str(store), "--report",
+                 str(tmp_path / "r" / "ioi.html"))
+    assert "causal trace: skipped" in out and "subject" in out
+    assert f"report: {tmp_path / 'r' / 'ioi.html'}" in out
+    assert f"open the dashboard: mechscope app --store {store}" in out
+    assert "ROC-AUC vs ground truth zoo:ioi" in out
+    from mechscope.circuits.evaluate import CircuitEvaluation
+    from mechscope.store import Store
+
+    ro = Store(store, readonly=True)
+    run_id = ro.latest("demo").id
+    ev = CircuitEvaluation.load(ro, run_id, "circuit_evaluation")
+    assert ev.reference.startswith("ground truth zoo:ioi")
+    assert ev.method("patching").metrics["roc_auc"] > 0.9  # exact patching finds the truth
+    assert ro.json(run_id, "tokens")[0][0] == "0"  # BOS
+
+
 def test_demo_without_attribution(capsys, tmp_path):
     store = tmp_path / "store"
     out, _ = _ok(capsys, "demo", "--model", TINY, "--store", str(store), "--no-attribution",
-                 "--json")
+                 "--no-report", "--json")
     summary = json.loads(out)
     assert summary["causal_trace"] is None and summary["patching"] is None
+    assert summary["report"] is None
     assert "causal_trace" not in summary["timings"]
     out, _ = _ok(capsys, "runs", "--store", str(store), "--json")
     assert "causal_trace" not in json.loads(out)["runs"][0]["results"]
