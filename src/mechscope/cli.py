@@ -33,8 +33,6 @@ zoo_app = typer.Typer(no_args_is_help=True, help="The zoo of small models with k
 app.add_typer(zoo_app, name="zoo")
 app.add_typer(heads_app, name="heads")
 app.add_typer(circuits_app, name="circuits")
-app.command("app")(app_cmd)
-app.command("report")(report_cmd)
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 StoreOpt = Annotated[Path, typer.Option("--store", help="Store directory.")]
@@ -497,6 +495,42 @@ def zoo_train(
     _emit(obj, as_json, f"trained zoo:{card.name} into {folder}: accuracy {card.accuracy:.3f}, "
                         f"circuit heads {obj['circuit_heads']}\n"
                         f"load it by its path: `mechscope trace {shlex.quote(folder)} --tokens 1,2,3`")
+
+
+@app.command("discover")
+def discover_cmd(
+    spec: Annotated[Path, typer.Argument(help="The pipeline's TOML file (see examples/discover/).")],
+    store: Annotated[Path | None, typer.Option(
+        "--store", help="Store directory (default: the spec's output.store, else mechscope-store).")] = None,
+    report: Annotated[Path | None, typer.Option(
+        "--report", help="Report path (default: the spec's output.report, else "
+                         "STORE/reports/RUN_ID.html).")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Scripted circuit discovery: the model, task, analyses and thresholds of SPEC.toml, end to
+    end into one run and a self-contained HTML report."""
+    from mechscope.discover import load_spec, run_discover
+
+    parsed = load_spec(spec)
+    root = store if store is not None else Path(parsed.store)
+    if root.exists() and not root.is_dir():
+        raise StoreError(f"the store {root} is a file; a store is a folder (set --store)")
+    if report is not None and report.is_dir():
+        raise MechscopeError(f"--report {report} is a folder; give the report file's path")
+    summary = run_discover(parsed, store_dir=root, report=report)
+    lines = [f"run {summary['run_id']} saved to {summary['store']}"]
+    for name, s in summary["analyses"].items():
+        lines.append(f"  {name}: " + (f"skipped ({s['skipped']})" if "skipped" in s else
+                                      f"heads {s.get('heads', [])[:8]}" if "heads" in s else "done"))
+    if summary["circuit"]:
+        lines.append(f"circuit ({summary['circuit']['method']}): heads {summary['circuit']['heads']}")
+    lines.append(f"report: {summary['report']}")
+    lines.append(f"open the dashboard: mechscope app --store {shlex.quote(str(root))}")
+    _emit(summary, as_json, "\n".join(lines))
+
+
+app.command("report")(report_cmd)
+app.command("app")(app_cmd)
 
 
 def main(argv: list[str] | None = None) -> None:
