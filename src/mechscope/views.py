@@ -299,6 +299,8 @@ def demo_sections(store: Store, run_id: str) -> list[Section]:
     """The plain (not Result) parts of a demo run: predictions, prompt 0's attention patterns,
     the head norms, and any other plain table. Parts that are absent are left out."""
     names = store.result_names(run_id)
+    if names.get("result") == "json":  # a run written by Result.save: all of it is the result
+        return []
     plain = {n: k for n, k in names.items() if "." not in n}
     out: list[Section] = []
     if plain.get("predictions") == "table":
