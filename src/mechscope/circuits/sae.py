@@ -55,6 +55,8 @@ from mechscope.tasks.base import TaskBatch
 from mechscope.types import Model
 
 REDUCE = ("mean", "answer")
+#: The most heads :meth:`SAECircuit.circuit` keeps by default (its graph stays readable).
+GRAPH_HEADS = 12
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -298,10 +300,14 @@ class SAECircuit(Result):
                 for i in order if float(flat[i]) > 0]  # fmt: skip
 
     def circuit(self, k: int | None = None, *, edges: int = 20) -> Any:
-        """The top-``k`` heads (default: every head with a positive score) as a
-        :class:`~mechscope.circuits.graph.Circuit`, with the best ``edges`` edges among them."""
+        """The top-``k`` heads (default: every head with a positive score, at most
+        :data:`GRAPH_HEADS`) as a :class:`~mechscope.circuits.graph.Circuit`, with the best
+        ``edges`` edges among them. On a large model most heads take some code only on
+        positives (SmolLM2 IOI: 190 of 270), so the default keeps the best few."""
         from mechscope.circuits.graph import Circuit
 
+        if k is None:
+            k = min(GRAPH_HEADS, int((self.node_scores > 0).sum()))
         return Circuit.from_scores(self.node_scores, k=k, edge_scores=self.edge_scores,
                                    max_edges=edges, method="discrete SAE",
                                    provenance=self.provenance)  # fmt: skip
