@@ -44,7 +44,10 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-MECHSCOPE = [sys.executable, "-c", "from mechscope.cli import main; main()"]
+# The CLI, with Ctrl-C restored (a shell without job control starts background jobs with SIGINT
+# ignored, and a child inherits that).
+MECHSCOPE = [sys.executable, "-c", "import signal; signal.signal(signal.SIGINT, "
+             "signal.default_int_handler); from mechscope.cli import main; main()"]
 
 
 def _free_port() -> int:

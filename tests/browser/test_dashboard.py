@@ -56,6 +56,14 @@ def test_runs_page_lists_opens_and_compares(watch: Any, server: dict[str, Any],
     table = page.locator("#runs-table")
     for run_id in (browser_store["ioi"], browser_store["facts"], browser_store["trace"]):
         table.get_by_text(run_id, exact=True).wait_for()
+    kind_filter = page.locator('#runs-table th.dash-filter[data-dash-column="kind"] input[type=text]')
+    kind_filter.fill("causal_trace")
+    kind_filter.press("Enter")
+    page.wait_for_function("() => document.querySelectorAll('#runs-table tbody tr td "
+                           "input[type=radio]').length === 1")
+    assert table.get_by_text(browser_store["trace"], exact=True).count() == 1
+    kind_filter.fill("")
+    kind_filter.press("Enter")
     row = page.locator("#runs-table tr", has_text=browser_store["ioi"])
     row.locator("input[type=radio]").check()
     page.locator("#runs-detail .ms-section").first.wait_for()

@@ -21,8 +21,10 @@ import atexit
 import errno
 import logging
 import shutil
+import signal
 import socket
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -121,7 +123,7 @@ def check_port(host: str, port: int) -> None:
 
 def serve(store_root: Path | str, host: str = "127.0.0.1", port: int = 8050, *,
           explore: bool = True, ready: Callable[[str], None] | None = None) -> None:  # fmt: skip
-    """Serve the dashboard until Ctrl-C (which returns normally).
+    """Serve the dashboard until Ctrl-C or SIGTERM (which return normally).
 
     ``ready(url)`` is called once the port is bound (the CLI prints the URL there).
 
@@ -141,12 +143,20 @@ def serve(store_root: Path | str, host: str = "127.0.0.1", port: int = 8050, *,
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
     if ready is not None:
         ready(url)
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main else None  # `kill`: as Ctrl-C
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         log.info("dashboard stopped")
     finally:
         server.server_close()
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 __all__ = ["check_port", "create_app", "serve"]
