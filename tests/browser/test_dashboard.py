@@ -140,11 +140,8 @@ def test_explore_job_end_to_end(watch: Any, server: dict[str, Any], artifacts: P
     assert page.eval_on_selector("#explore-progress", "e => e.value") == 4
     _shot(watch, artifacts, "explore")
 
-    page = _goto(watch, server, "/")  # the new run is listed; open it, then click one of its heads
-    row = page.locator("#runs-table tr", has_text=run_id)
-    row.locator("input[type=radio]").check()
-    page.locator("#runs-detail").get_by_text(f"run {run_id}").wait_for()
-    page = _goto(watch, server, "/heads")
+    page.get_by_text("see its heads").click()  # the new run is now the selected one
+    page.locator("#heads-run").get_by_text(run_id).wait_for()
     _graphs(page, "#heads-grids")
     _click_first_grid(page)
     pattern = _graphs(page, "#heads-pattern")
@@ -152,6 +149,8 @@ def test_explore_job_end_to_end(watch: Any, server: dict[str, Any], artifacts: P
     ticks = page.eval_on_selector("#heads-pattern .js-plotly-plot", "e => e.data[0].x")
     assert list(ticks)[:2] == ["0: 5", "1: 6"]
     _shot(watch, artifacts, "explore-heads")
+    page = _goto(watch, server, "/")  # and the runs list has it
+    page.locator("#runs-table").get_by_text(run_id, exact=True).wait_for()
     _clean(watch, server)
 
 

@@ -92,6 +92,13 @@ def register(app: dash.Dash, ctx: AppContext) -> None:
         return run_job(root, spec, prompt, analysis,
                        lambda i, n, text: set_progress((str(i), str(n), text)))  # fmt: skip
 
+    @app.callback(Output(ui.SELECTED_RUN, "data", allow_duplicate=True), Input(RESULT, "data"),
+                  prevent_initial_call=True)  # fmt: skip
+    def select(result: dict[str, Any] | None) -> str:
+        if not result or "run_id" not in result:
+            raise dash.exceptions.PreventUpdate
+        return str(result["run_id"])  # the other pages open the new run
+
     @app.callback(Output(OUTPUT, "children"), Input(RESULT, "data"))
     def show(result: dict[str, Any] | None) -> Any:
         try:
