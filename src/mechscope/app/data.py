@@ -64,6 +64,13 @@ def default_value(options: Sequence[Mapping[str, str]], wanted: str | None) -> s
     return values[0] if values else None
 
 
+def run_choice(store: Store, selected: str | None) -> tuple[list[dict[str, str]], str | None]:
+    """A run dropdown's options and value: every complete run, the shell's chosen run first
+    choice (else the newest)."""
+    options = run_options(store)
+    return options, default_value(options, selected)
+
+
 @functools.lru_cache(maxsize=64)
 def _load_cached(root: str, run_id: str, name: str) -> Result:
     return Result.load(Store(root, readonly=True), run_id, name or None)

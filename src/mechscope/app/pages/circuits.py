@@ -9,7 +9,7 @@ import dash
 from dash import Input, Output, State, dcc, html
 
 from mechscope.app import ui
-from mechscope.app.data import AppContext, default_value, head_grids, results_of, run_options
+from mechscope.app.data import AppContext, head_grids, results_of, run_choice
 
 PATH = "/circuits"
 NAME = "Circuits"
@@ -60,8 +60,7 @@ def register(app: dash.Dash, ctx: AppContext) -> None:
     @app.callback(Output(RUN, "options"), Output(RUN, "value"), Input(RUN, "id"),
                   State(ui.SELECTED_RUN, "data"))  # fmt: skip
     def fill(_: str, selected: str | None) -> tuple[Any, Any]:
-        options = run_options(ctx.store())
-        return options, default_value(options, selected)
+        return run_choice(ctx.store(), selected)
 
     @app.callback(Output(GRAPH, "children"), Output(AGREEMENT, "children"), Input(RUN, "value"))
     def show(run_id: str | None) -> tuple[Any, Any]:

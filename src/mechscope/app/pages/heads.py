@@ -12,11 +12,10 @@ from mechscope.app import ui
 from mechscope.app.data import (
     AppContext,
     clicked_head,
-    default_value,
     head_grids,
     head_pattern,
     pattern_prompts,
-    run_options,
+    run_choice,
 )
 from mechscope.figures import attention_pattern, layer_head_heatmap
 
@@ -76,8 +75,7 @@ def register(app: dash.Dash, ctx: AppContext) -> None:
     @app.callback(Output(RUN, "options"), Output(RUN, "value"), Input(RUN, "id"),
                   State(ui.SELECTED_RUN, "data"))  # fmt: skip
     def fill(_: str, selected: str | None) -> tuple[Any, Any]:
-        options = run_options(ctx.store())
-        return options, default_value(options, selected)
+        return run_choice(ctx.store(), selected)
 
     @app.callback(Output(GRIDS, "children"), Output(PROMPT, "options"), Output(PROMPT, "value"),
                   Output(SELECTED, "data"), Input(RUN, "value"))  # fmt: skip
