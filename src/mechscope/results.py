@@ -21,7 +21,7 @@ A class attribute ``kind`` names the run kind (the snake-cased class name by def
 
 >>> import tempfile
 >>> from dataclasses import dataclass
->>> from mechscope.store import RunWriter, Store
+>>> from mechscope.store import Store
 >>> @dataclass(frozen=True, kw_only=True, eq=False)
 ... class Tally(Result):
 ...     kind = "tally"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import sqlite3
@@ -383,7 +384,7 @@ class Store:
                 return matches[0]
             hint = "it is ambiguous" if matches else "no run has that id"
             raise StoreError(f"run {run_id!r} not found in {self.root} ({hint}); "
-                             "`mechscope runs --store DIR` lists them")
+                             f"`mechscope runs --store {shlex.quote(str(self.root))}` lists them")
         return rec
 
     def latest(self, kind: str | None = None) -> RunRecord:
