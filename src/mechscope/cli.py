@@ -406,7 +406,8 @@ def demo(
         help="Run causal tracing and activation patching (about a minute on SmolLM2 on a CPU).")] = True,
     heads: Annotated[bool, typer.Option(
         "--heads/--no-heads",
-        help="Run the head analyses: attention sinks, retrieval heads, head divergence.")] = True,
+        help="Run the head analyses: attention sinks, retrieval heads, head divergence, head "
+             "statistics (previous-token, duplicate-token, induction scores).")] = True,
     circuits: Annotated[bool, typer.Option(
         "--circuits/--no-circuits",
         help="Run discrete-SAE circuit discovery and score it against the baselines (about "

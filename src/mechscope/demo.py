@@ -8,7 +8,8 @@ Tower is located in the city of" -> " Paris"; exact activation patching
 model without a tokenizer (zoo, native) the last two use the first demo row: subject span
 ``(1, 3)`` (the corrupt row changes those tokens) and the clean top-1 as the answer.
 Then the head analyses (:mod:`mechscope.circuits`), each on its built-in inputs for the model
-(``default_run``): attention sinks, retrieval heads and head divergence; then discrete-SAE
+(``default_run``): attention sinks, retrieval heads, head divergence and the head statistics
+(previous-token, duplicate-token, induction scores of every head); then discrete-SAE
 circuit discovery (:mod:`mechscope.circuits.sae`) on the model's built-in minimal pairs (IOI on
 a text model, a zoo model's own task), and the circuit evaluation
 (:func:`~mechscope.circuits.evaluate.evaluate_methods`): the SAE and the baselines scored against
@@ -20,7 +21,8 @@ The run (kind ``demo``) holds: the table ``predictions``; JSON ``model``, ``trac
 ``tokens`` (each prompt's tokens as text); tensors ``head_norms`` and ``patterns_prompt{i}``
 (``layer{l}``: ``[head, query, key]``, each prompt's real tokens); every analysis as a
 :class:`~mechscope.results.Result` staged under its step's name (``causal_trace``, ``patching``,
-``sinks``, ``retrieval_heads``, ``head_divergence``, ``sae_circuit``, ``circuit_evaluation``;
+``sinks``, ``retrieval_heads``, ``head_divergence``, ``head_statistics``, ``sae_circuit``,
+``circuit_evaluation``;
 read with ``Result.load(store, run_id, name)``); and JSON ``{name}_summary`` for each step (a
 step that cannot run on the model holds only ``{"skipped": reason}``).
 """
@@ -52,11 +54,12 @@ class DemoConfig:
     """What the demo runs.
 
     ``attribution=False`` skips causal tracing and patching; ``heads=False`` skips the head
-    analyses (sinks, retrieval heads, head divergence); ``circuits=False`` skips the SAE circuit
-    and its evaluation (on SmolLM2 on 2 cores about 20 s, and 3.5 minutes, most of it the exact
-    head patching the evaluation scores against); ``report=False`` skips the HTML report. ``trace_samples``: the noisy runs of
-    the causal trace (ROME uses 10; 3 keeps the demo quick). ``trace_prompt``: (prompt, subject,
-    target) of the causal trace on a model with a tokenizer.
+    analyses (sinks, retrieval heads, head divergence, head statistics); ``circuits=False``
+    skips the SAE circuit and its evaluation (on SmolLM2 on 2 cores about 20 s, and 3.5
+    minutes, most of it the exact head patching the evaluation scores against);
+    ``report=False`` skips the HTML report. ``trace_samples``: the noisy runs of the causal
+    trace (ROME uses 10; 3 keeps the demo quick). ``trace_prompt``: (prompt, subject, target)
+    of the causal trace on a model with a tokenizer.
     """
 
     model: str = DEFAULT_MODEL
@@ -289,7 +292,8 @@ def _attribution(model: Model, config: DemoConfig, run: RunWriter, *,
 
 
 #: The head analyses of the demo: (name in the run, module under mechscope.circuits).
-HEAD_STEPS = (("sinks", "sinks"), ("retrieval_heads", "retrieval"), ("head_divergence", "divergence"))
+HEAD_STEPS = (("sinks", "sinks"), ("retrieval_heads", "retrieval"), ("head_divergence", "divergence"),
+              ("head_statistics", "head_stats"))
 #: The circuit-discovery steps, run the same way.
 CIRCUIT_STEPS = (("sae_circuit", "sae"),)
 
