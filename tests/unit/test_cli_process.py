@@ -67,6 +67,23 @@ def _interrupt(patch: str, argv: list[str], tmp_path: Path) -> tuple[int, str]:
     return proc.returncode, "".join(seen) + rest
 
 
+def _slow(module: str, name: str) -> str:
+    """A patch for :func:`_interrupt`: ``module.name`` says READY and sleeps before it runs."""
+    return f"""
+        import importlib, sys, time
+        _mod = importlib.import_module({module!r})
+        _orig = getattr(_mod, {name!r})
+
+        def _slow(*args, **kwargs):
+            sys.stderr.write({READY!r} + "\\n")
+            sys.stderr.flush()
+            time.sleep(120)
+            return _orig(*args, **kwargs)
+
+        setattr(_mod, {name!r}, _slow)
+    """
+
+
 def test_ctrl_c_during_demo_exits_130_and_leaves_a_failed_run(tmp_path):
     store = tmp_path / "store"
     # The first result's tensors are staged when the demo stops to wait for Ctrl-C.
@@ -177,19 +194,7 @@ def test_output_piped_into_a_reader_that_leaves_is_not_a_traceback():
 
 
 def test_ctrl_c_during_a_heads_analysis_exits_130(tmp_path):
-    patch = f"""
-        import sys, time
-        from mechscope.circuits import sinks
-        _find = sinks.find_sinks
-
-        def slow_find(*args, **kwargs):
-            sys.stderr.write({READY!r} + "\\n")
-            sys.stderr.flush()
-            time.sleep(120)
-            return _find(*args, **kwargs)
-
-        sinks.find_sinks = slow_find
-    """
+    patch = _slow("mechscope.circuits.sinks", "find_sinks")
     code, err = _interrupt(patch, ["heads", "sinks", "zoo:retrieval", "--store",
                                    str(tmp_path / "s")], tmp_path)  # fmt: skip
     assert code == 130, err
@@ -198,21 +203,40 @@ def test_ctrl_c_during_a_heads_analysis_exits_130(tmp_path):
 
 
 def test_ctrl_c_during_sae_training_exits_130(tmp_path):
-    patch = f"""
-        import sys, time
-        from mechscope.circuits import sae
-        _train = sae.train_sae
-
-        def slow_train(*args, **kwargs):
-            sys.stderr.write({READY!r} + "\\n")
-            sys.stderr.flush()
-            time.sleep(120)
-            return _train(*args, **kwargs)
-
-        sae.train_sae = slow_train
-    """
+    patch = _slow("mechscope.circuits.sae", "train_sae")
     code, err = _interrupt(patch, ["circuits", "sae", "zoo:ioi", "--store", str(tmp_path / "s")],
                            tmp_path)  # fmt: skip
     assert code == 130, err
     assert err.rstrip().endswith("interrupted") and "Traceback" not in err, err
     assert not (tmp_path / "s").exists()
+
+
+def test_ctrl_c_during_discover_exits_130_and_leaves_a_failed_run_and_no_report(tmp_path):
+    spec = tmp_path / "spec.toml"
+    spec.write_text('model = "zoo:ioi"\nanalyses = ["sinks"]\n')
+    store = tmp_path / "s"
+    code, err = _interrupt(_slow("mechscope.circuits.sinks", "default_run"),
+                           ["discover", str(spec), "--store", str(store)], tmp_path)  # fmt: skip
+    assert code == 130, err
+    assert err.rstrip().endswith("interrupted") and "Traceback" not in err, err
+    con = sqlite3.connect(store / "store.db")
+    try:
+        runs = con.execute("SELECT kind, status FROM runs").fetchall()
+        results = con.execute("SELECT COUNT(*) FROM results").fetchone()[0]
+    finally:
+        con.close()
+    assert runs == [("discover", "failed")] and results == 0
+    assert not (store / "reports").exists()
+
+
+def test_ctrl_c_during_report_exits_130_and_writes_nothing(tmp_path):
+    store = tmp_path / "s"
+    done = _run("demo", "--model", TINY, "--store", str(store), "--no-attribution", "--no-heads",
+                "--no-circuits", "--no-report")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "out" / "report.html"
+    code, err = _interrupt(_slow("mechscope.report", "sections"),
+                           ["report", "--store", str(store), "--out", str(out)], tmp_path)
+    assert code == 130, err
+    assert err.rstrip().endswith("interrupted") and "Traceback" not in err, err
+    assert not out.parent.exists() or not list(out.parent.iterdir())  # no report, no temp file
