@@ -13,13 +13,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_tracer_benchmark_quick_mode_runs() -> None:
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "tracer.py"), "--quick"],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
-    )  # fmt: skip
+def _quick_rows(script: str) -> list[dict]:
+    """Run ``benchmarks/<script> --quick``; it must exit 0; its JSON rows."""
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
-    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def test_tracer_benchmark_quick_mode_runs() -> None:
+    rows = _quick_rows("tracer.py")
     by_case = {r["case"]: r for r in rows}
     assert set(by_case) == {"overhead", "stream_rss"}, rows
     assert by_case["overhead"]["gate_max_err_over_tol"] <= 1.0
@@ -30,12 +33,7 @@ def test_tracer_benchmark_quick_mode_runs() -> None:
 def test_heads_benchmark_quick_mode_runs() -> None:
     """benchmarks/heads.py --quick: batched head statistics equal TransformerLens's detect_head
     (every kind) and retrieval scores equal the naive Retrieval_Head-style loop, on tiny models."""
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "heads.py"), "--quick"],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
-    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    rows = _quick_rows("heads.py")
     by_case = {r["case"]: r for r in rows}
     assert set(by_case) == {"tiny:detect", "tiny:detect_induction", "zoo:retrieval:retrieval"}, rows
     assert all(r["gate"] == "pass" for r in rows), rows
@@ -47,12 +45,7 @@ def test_circuits_benchmark_quick_mode_runs() -> None:
     """benchmarks/circuits.py --quick: TransformerLens head patching (all positions and by
     position) equals mechscope's patch_sweep and the SAE is deterministic, on a tiny model and
     zoo:ioi; every row carries the peers' timings and ratios."""
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "circuits.py"), "--quick"],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
-    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    rows = _quick_rows("circuits.py")
     by_case = {r["case"]: r for r in rows}
     assert set(by_case) == {"tiny:toy", "zoo:ioi"}, rows
     for r in rows:
