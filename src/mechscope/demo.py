@@ -165,10 +165,8 @@ def run_demo(config: DemoConfig, store_dir: str | Path, *, progress: bool = True
 
 def _analyse(model: Model, config: DemoConfig, run: RunWriter, *,
              progress: bool) -> list[dict[str, Any]]:
-    """The demo's steps inside the run: trace, predictions, head norms, patterns, shapes."""
-    from mechscope.models import describe
+    """The demo's first step inside the run: trace the prompts, stage what it shows."""
     from mechscope.probes import trace
-    from mechscope.tasks.base import TaskBatch
 
     t1 = time.perf_counter()
     prompts = demo_inputs(model, config)
@@ -176,38 +174,47 @@ def _analyse(model: Model, config: DemoConfig, run: RunWriter, *,
                   if not (getattr(model.cfg, "attn_only", False) and s in ("ffn", "ffn_pre")))
     tr = trace(model, prompts, sites=sites, progress=progress)
     run.time("trace", time.perf_counter() - t1)
-    tokenizer = model.tokenizer
-    rows_ids = prompts.clean if isinstance(prompts, TaskBatch) else prompts
-    labels = (list(config.prompts) if isinstance(prompts, list) else
-              [" ".join(map(str, row[: int(n)].tolist()))
-               for row, n in zip(rows_ids, tr.lengths, strict=True)])  # fmt: skip
+    labels = list(config.prompts) if isinstance(prompts, list) else None
+    return stage_trace(run, model, tr, config.model, labels=labels)
+
+
+def stage_trace(run: RunWriter, model: Model, tr: Any, spec: str, *,
+                labels: list[str] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    """Stage what a :class:`~mechscope.probes.Trace` (with ``heads`` and ``patterns``) shows
+    into a run; the dashboard's Heads page and the report read these. Returns the predictions.
+
+    Stages the table ``predictions`` (each prompt's top-5 next tokens; ``labels``: the prompts'
+    texts, default their token ids), tensors ``head_norms`` (``last_token_mean``: each head's
+    output norm at the last real token, mean over prompts, ``[layer, head]``) and
+    ``patterns_prompt{i}`` (``layer{l}``: ``[head, query, key]`` over the real tokens; only the
+    first prompt's when prompts exceed 128 tokens: four of zoo:retrieval's 256-token prompts
+    would be 34 MB), JSON ``tokens`` (each prompt's tokens as text), ``trace_shapes`` and
+    ``model``.
+    """
+    from mechscope.models import describe
+
+    tok = model.tokenizer
+    rows_tokens = [[tok.decode([int(t)]) if tok is not None else str(int(t))
+                    for t in tr.tokens[i, : int(tr.lengths[i])]] for i in range(tr.n_prompts)]  # fmt: skip
+    labels = labels or [" ".join(row) for row in rows_tokens]
     rows = []
     for i, prompt in enumerate(labels):
-        top = [tokenizer.decode([int(t)]) if tokenizer is not None else str(int(t))
-               for t in tr.top_tokens[i]]
+        top = [tok.decode([int(t)]) if tok is not None else str(int(t)) for t in tr.top_tokens[i]]
         rows.append({"prompt": prompt, "n_tokens": int(tr.lengths[i]),
                      "top1": top[0], "p_top1": float(tr.top_logprobs[i, 0].exp()),
-                     "top5": " | ".join(top)})
+                     "top5": " | ".join(top)})  # fmt: skip
     run.add_table("predictions", rows)
-    # Per-head output norm at the last token, [layer, head]: the tracer's head outputs.
-    norms = []
-    last = (tr.lengths - 1)
-    for layer in tr.layers("heads"):
-        z = tr.heads(layer)[torch.arange(tr.n_prompts), last]  # [batch, head, d_head]
-        norms.append(z.norm(dim=-1).mean(0))
+    last = tr.lengths - 1
+    norms = [tr.heads(layer)[torch.arange(tr.n_prompts), last].norm(dim=-1).mean(0)
+             for layer in tr.layers("heads")]  # fmt: skip
     run.add_tensors("head_norms", {"last_token_mean": torch.stack(norms)})
-    ids = rows_ids if not isinstance(prompts, list) else tr.tokens
-    run.add_json("tokens", [
-        [tokenizer.decode([int(t)]) if tokenizer is not None else str(int(t))
-         for t in ids[i, : int(tr.lengths[i])]] for i in range(tr.n_prompts)])  # fmt: skip
-    # every prompt's patterns; only the first one's for long prompts (four of zoo:retrieval's
-    # 256-token prompts would be 34 MB)
+    run.add_json("tokens", rows_tokens)
     for i in range(tr.n_prompts if int(tr.lengths.max()) <= 128 else 1):
         n = int(tr.lengths[i])
         run.add_tensors(f"patterns_prompt{i}", {
             f"layer{layer}": tr.pattern(layer)[i, :, :n, :n] for layer in tr.layers("patterns")})
     run.add_json("trace_shapes", tr.shapes())
-    run.add_json("model", describe(model, config.model).to_dict())
+    run.add_json("model", describe(model, spec).to_dict())
     return rows
 
 

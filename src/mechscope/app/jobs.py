@@ -6,10 +6,9 @@ store handle stays read-only. It reports progress through ``progress(step, steps
 returns ``{"run_id": ...}`` or ``{"error": message}``: a bad model spec or prompt becomes a
 message on the page, never a traceback.
 
-A ``trace`` run (kind ``trace``) stores what the demo's trace step stores, so the Heads page can
-click through it: table ``predictions``, JSON ``tokens`` (token labels per prompt) and
-``model``, tensors ``head_norms`` ``{"last_token_mean": [layer, head]}`` and
-``patterns_prompt0`` ``{"layer{l}": [head, query, key]}``. An analysis is saved as its result's
+A ``trace`` run (kind ``trace``) stores what the demo's trace step stores
+(:func:`mechscope.demo.stage_trace`), so the Heads page can click through it: table
+``predictions``, JSON ``tokens`` and ``model``, tensors ``head_norms`` and ``patterns_prompt0``. An analysis is saved as its result's
 own run (:meth:`mechscope.results.Result.save`).
 """
 
@@ -81,26 +80,14 @@ def _run(root: Path, spec: str | None, prompt: str | None, analysis: str | None,
 
 
 def _trace(store: Any, model: Any, spec: str, inputs: str | list[int], progress: Progress) -> str:
-    from mechscope.models import describe
+    from mechscope.demo import stage_trace
     from mechscope.probes import trace
 
     prompts: Any = [inputs] if isinstance(inputs, str) else torch.tensor([inputs])
     tr = trace(model, prompts, sites=("heads", "patterns"), progress=False)
-    n = int(tr.lengths[0])
-    tok = model.tokenizer
-    label = (lambda i: tok.decode([int(i)])) if tok is not None else (lambda i: str(int(i)))
-    top = [label(t) for t in tr.top_tokens[0]]
     progress(3, 4, "saving")
-    config = {"prompt": inputs if isinstance(inputs, str) else " ".join(map(str, inputs)),
-              "source": "mechscope app explore"}  # fmt: skip
-    with store.run("trace", config=config, model=model, seed=0) as run:
-        run.add_table("predictions", [{"prompt": config["prompt"], "n_tokens": n, "top1": top[0],
-                                       "p_top1": float(tr.top_logprobs[0, 0].exp()),
-                                       "top5": " | ".join(top[:5])}])  # fmt: skip
-        run.add_json("tokens", [[label(t) for t in tr.tokens[0, :n]]])
-        norms = [tr.heads(layer)[0, n - 1].norm(dim=-1) for layer in tr.layers("heads")]
-        run.add_tensors("head_norms", {"last_token_mean": torch.stack(norms)})
-        run.add_tensors("patterns_prompt0", {f"layer{layer}": tr.pattern(layer)[0, :, :n, :n]
-                                             for layer in tr.layers("patterns")})  # fmt: skip
-        run.add_json("model", describe(model, spec).to_dict())
+    text = inputs if isinstance(inputs, str) else " ".join(map(str, inputs))
+    with store.run("trace", config={"prompt": text, "source": "mechscope app explore"},
+                   model=model, seed=0) as run:  # fmt: skip
+        stage_trace(run, model, tr, spec, labels=[text])
     return str(run.id)
