@@ -10,6 +10,7 @@ from mechscope.attribution.attrib_patch import (
     attribution_patch,
     rank_agreement,
 )
+from mechscope.attribution.causal_sweep import causal_traces
 from mechscope.attribution.causal_trace import (
     AggregateTrace,
     CausalTraceConfig,
@@ -19,6 +20,7 @@ from mechscope.attribution.causal_trace import (
     subject_embedding_std,
     window_layers,
 )
+from mechscope.attribution.causal_trace_result import CausalTraceSweep
 from mechscope.attribution.engine import Engine
 from mechscope.attribution.fcct import (
     FCCTConfig,
@@ -47,7 +49,7 @@ from mechscope.attribution.patching import (
 from mechscope.attribution.result import PatchResult
 
 __all__ = ["PATCH_SITES", "AggregateTrace", "AttributionPatchResult", "CausalTraceConfig",
-           "CausalTraceResult", "aggregate_traces", "causal_trace", "subject_embedding_std",
+           "CausalTraceResult", "CausalTraceSweep", "aggregate_traces", "causal_trace", "causal_traces", "subject_embedding_std",
            "window_layers", "PatchResult", "PatchSite", "SweepConfig",
            "attribution_patch", "naive_flops_ratio", "patch_sweep", "plan_chunk",
            "rank_agreement", "Engine", "FCCTConfig", "FCCTResult", "default_groups",

@@ -190,3 +190,38 @@ def aggregate_traces(results: Sequence[CausalTraceResult]) -> AggregateTrace:
         trace_kind=results[0].trace_kind, n_prompts=len(results),
         total_effect=sum(r.total_effect for r in results) / len(results),
     )  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class CausalTraceSweep(Result):
+    """Causal traces of many facts (:func:`mechscope.attribution.causal_traces`) and their
+    average by position bucket.
+
+    Attributes:
+        traces: one :class:`CausalTraceResult` per fact, in the facts' order.
+        aggregate: :func:`aggregate_traces` of them.
+    """
+
+    kind = "causal_trace_sweep"
+    traces: tuple[CausalTraceResult, ...]
+    aggregate: AggregateTrace
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "traces", tuple(self.traces))
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per fact: its prompt, subject span, target, clean/corrupt p, total effect and
+        the (layer, position) of its largest indirect effect."""
+        rows = []
+        for i, r in enumerate(self.traces):
+            layer, pos = r.argmax()
+            rows.append({"fact": i, "prompt": "".join(r.tokens), "subject": f"{r.subject[0]}:{r.subject[1]}",
+                         "target": r.target_token or str(r.target), "p_clean": r.p_clean,
+                         "p_corrupt": r.p_corrupt, "total_effect": r.total_effect,
+                         "peak_layer": layer, "peak_pos": pos,
+                         "peak_indirect_effect": float(r.indirect_effect[layer, pos])})  # fmt: skip
+        return pd.DataFrame(rows)
+
+    def figure(self) -> go.Figure:
+        return self.aggregate.figure()

@@ -67,6 +67,7 @@ from mechscope.probes import Apply, Intervention, Tracer, intervene
 from mechscope.probes import budget as _budget
 from mechscope.probes.sites import check_site_on_model
 from mechscope.results import Provenance
+from mechscope.scale import Backend, as_backend
 from mechscope.tasks.base import TaskBatch
 from mechscope.types import Model
 
@@ -385,6 +386,8 @@ def patch_sweep(
     resume: bool = False,
     engine: str = "auto",
     dtype: str | None = None,
+    backend: str | Backend = "local",
+    shard_size: int | None = None,
 ) -> PatchResult:
     """Patch every layer x position (x head) of one site and score each patched run.
 
@@ -404,6 +407,9 @@ def patch_sweep(
         resume: hook path: start each variant at its patched layer (see the module docstring).
         engine: ``auto``, ``engine`` or ``hooks`` (see :class:`SweepConfig`).
         dtype: None (exact, fp32) or ``bfloat16``/``float16`` (screening, engine only).
+        backend, shard_size: ``ray`` (a :class:`~mechscope.scale.Backend`), or a ``shard_size``,
+            sweeps the pairs in shards of ``shard_size`` (default 32), merged by
+            :func:`mechscope.scale.sweeps.patch_sweep_sharded`: the same bits on every backend.
 
     Returns:
         A :class:`PatchResult`: scores ``[layer, pos]``, ``[layer, pos, head]``, ``[layer, head]``
@@ -419,6 +425,15 @@ def patch_sweep(
     cfg = SweepConfig(site=site, by=by, direction=direction, max_bytes=max_bytes,
                       resume=resume, engine=engine, dtype=dtype, progress=progress)  # fmt: skip
     clean, corrupt, task = sweep_inputs(model, cfg, task_or_pair, metric)
+    sharding = as_backend(backend, shard_size=shard_size)
+    if sharding.distributed or sharding.shard_size is not None:
+        from mechscope.scale.sweeps import patch_sweep_sharded
+
+        if task is None:
+            raise InputError("a sharded sweep splits a TaskBatch's pairs; give a TaskBatch")
+        return patch_sweep_sharded(model, task, backend=sharding, progress=progress, site=site, by=by,
+                                   direction=direction, metric=metric, max_bytes=max_bytes,
+                                   resume=resume, engine=engine, dtype=dtype)  # fmt: skip
     n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
     b, n_pos = clean.shape
     per = plan_chunk(model, cfg, b, n_pos)
@@ -508,7 +523,7 @@ def patch_sweep(
 
     axes, shape = _grid(cfg, n_layers, n_pos, n_heads)
     grid = torch.tensor([values.get(v, unpatched) for v in variants], dtype=torch.float32)
-    scores = grid.view(shape)
+    scores = raw_scores = grid.view(shape)
     if metric is None:
         scores = torch.as_tensor(normalised_patching(scores, m_clean, m_corrupt,
                                                           cast(Direction, cfg.direction)))
@@ -529,6 +544,7 @@ def patch_sweep(
         metric_corrupt=m_corrupt, n_patches=u, n_skipped=u - len(run),
         prob_clean=probs[0] if task is not None else None,
         prob_corrupt=probs[1] if task is not None else None, work=work,
+        raw_scores=raw_scores if metric is None else None,
     )  # fmt: skip
 
 

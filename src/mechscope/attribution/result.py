@@ -50,6 +50,8 @@ class PatchResult(Result):
         n_patches: patches in the grid; n_skipped: of those, exact no-ops not run (their score
             is the unpatched run's, exactly).
         work: counts of the work done (forwards, rows, FLOPs relative to one forward per patch).
+        raw_scores: for normalised scores, the raw metric of each patched run (what a sharded
+            sweep averages over its shards); None when ``scores`` are raw already.
     """
 
     kind = "patch_sweep"
@@ -67,6 +69,7 @@ class PatchResult(Result):
     prob_clean: float | None = None
     prob_corrupt: float | None = None
     work: Mapping[str, int | float | str | None] = field(default_factory=dict)
+    raw_scores: Float[Tensor, "*axes"] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()

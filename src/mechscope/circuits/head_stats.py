@@ -43,6 +43,7 @@ from mechscope.figures import layer_head_heatmap
 from mechscope.probes.tokens import Prompts, tokenize
 from mechscope.probes.tracer import Tracer
 from mechscope.results import Provenance, Result
+from mechscope.scale import Backend, as_backend
 from mechscope.types import Model
 
 __all__ = ["KINDS", "HeadStatistics", "default_run", "detection_patterns", "head_statistics"]
@@ -218,6 +219,8 @@ def head_statistics(
     target_rows_only: bool = False,
     batch_size: int = 8,
     progress: bool = True,
+    backend: str | Backend = "local",
+    shard_size: int | None = None,
 ) -> HeadStatistics:
     """Score every head for each of ``kinds`` over the prompts (see the module docstring).
 
@@ -230,6 +233,9 @@ def head_statistics(
         target_rows_only: leave out query rows whose detection pattern is empty.
         batch_size: prompts per forward (prompts are grouped by length to limit padding).
         progress: show a progress bar over batches.
+        backend, shard_size: ``ray`` (or a :class:`~mechscope.scale.Backend`) runs shards of
+            whole batches (``shard_size`` prompts, default 4 batches) on Ray workers; the result
+            is the local one, bit for bit (:mod:`mechscope.scale.sweeps`).
 
     Raises:
         InputError: an unknown kind or error measure, a prompt shorter than 2 tokens or not
@@ -252,6 +258,18 @@ def head_statistics(
     if short:
         raise InputError(f"prompts {short[:5]} have lengths {lengths[short[:5]].tolist()}; each "
                          f"prompt needs 2 to {n_ctx - 1} tokens (TransformerLens's detector limits)")  # fmt: skip
+    config = {"kinds": list(kinds), "exclude_bos": exclude_bos, "error_measure": error_measure,
+              "exclude_current_token": exclude_current_token, "target_rows_only": target_rows_only,
+              "batch_size": batch_size, "n_prompts": int(len(lengths))}  # fmt: skip
+    sharding = as_backend(backend, shard_size=shard_size)
+    if sharding.distributed or sharding.shard_size is not None:
+        from mechscope.scale.sweeps import head_statistics_sweep
+
+        return head_statistics_sweep(  # type: ignore[no-any-return]
+            model, tokens, lengths, backend=sharding, progress=progress,
+            provenance=Provenance.of(model, config), kinds=kinds, exclude_bos=exclude_bos,
+            exclude_current_token=exclude_current_token, error_measure=error_measure,
+            target_rows_only=target_rows_only, batch_size=batch_size)  # fmt: skip
     n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
     per: dict[str, Tensor] = {k: torch.zeros(len(lengths), n_layers, n_heads) for k in kinds}
     order = torch.argsort(lengths, stable=True)
@@ -280,9 +298,6 @@ def head_statistics(
                                    kinds, error_measure, rows)  # fmt: skip
                 for kind, value in got.items():
                     per[kind][idx, layer] = value.cpu()
-    config = {"kinds": list(kinds), "exclude_bos": exclude_bos, "error_measure": error_measure,
-              "exclude_current_token": exclude_current_token, "target_rows_only": target_rows_only,
-              "batch_size": batch_size, "n_prompts": int(len(lengths))}  # fmt: skip
     return HeadStatistics(
         provenance=Provenance.of(model, config), scores={k: v.mean(0) for k, v in per.items()},
         per_prompt=per, lengths=lengths, error_measure=error_measure, exclude_bos=exclude_bos,

@@ -42,6 +42,7 @@ from mechscope.probes.hooks import hooked
 from mechscope.probes.sites import SITE_SPECS, check_site_on_model, hook_for, key_for, parse_sites
 from mechscope.probes.tokens import Prompts, tokenize
 from mechscope.probes.trace import Trace, TraceWriter, concat_traces
+from mechscope.scale import Backend, as_backend
 from mechscope.types import Model
 
 __all__ = ["Metric", "Prompts", "TraceConfig", "Tracer", "tokenize", "trace", "trace_with_grad"]
@@ -395,8 +396,24 @@ class Tracer:
 
 def trace(model: Model, prompts: Prompts, config: TraceConfig | None = None, *,
           out_dir: str | Path | None = None, progress: bool = True, corrupt: bool = False,
+          backend: str | Backend = "local", shard_size: int | None = None,
           **fields: Any) -> Trace:
-    """One-call tracing: ``with Tracer(model, config) as t: return t.run(prompts)``."""
+    """One-call tracing: ``with Tracer(model, config) as t: return t.run(prompts)``.
+
+    ``backend="ray"`` (or a :class:`~mechscope.scale.Backend`) traces shards of whole batches
+    (``shard_size`` prompts, default 4 batches) on Ray workers and concatenates them in order
+    (streamed to ``out_dir`` in order where given): the same trace as the local run, bit for bit.
+    """
+    sharding = as_backend(backend, shard_size=shard_size)
+    if sharding.distributed or sharding.shard_size is not None:
+        from mechscope.scale.sweeps import trace_sweep
+
+        config = replace(config, **fields) if config is not None else TraceConfig(**fields)
+        if config.grad:
+            raise InputError("a sharded trace captures activations only; run trace_with_grad "
+                             "locally (gradients depend on how prompts are batched)")  # fmt: skip
+        return trace_sweep(model, prompts, config, backend=sharding, out_dir=out_dir,  # type: ignore[no-any-return]
+                           progress=progress, corrupt=corrupt)  # fmt: skip
     with Tracer(model, config, **fields) as tracer:
         return tracer.run(prompts, out_dir=out_dir, progress=progress, corrupt=corrupt)
 
