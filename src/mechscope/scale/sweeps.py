@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -142,7 +142,7 @@ def patch_sweep_sharded(model: Model, task: Any, *, backend: str | Backend, prog
     """:func:`mechscope.attribution.patch_sweep` over shards of the task's pairs, merged as the
     row-weighted mean of each shard's raw metric grid (see the module docstring)."""
     from mechscope.attribution.result import PatchResult
-    from mechscope.metrics import normalised_patching
+    from mechscope.metrics import Direction, normalised_patching
     from mechscope.results import Provenance
 
     b = as_backend(backend)
@@ -168,7 +168,8 @@ def patch_sweep_sharded(model: Model, task: Any, *, backend: str | Backend, prog
     raw = (raw / n).float()
     m_clean = mean([p.metric_clean for p in parts])
     m_corrupt = mean([p.metric_corrupt for p in parts])
-    scores = torch.as_tensor(normalised_patching(raw, m_clean, m_corrupt, first.direction)  # type: ignore[arg-type])
+    direction = cast(Direction, first.direction)
+    scores = torch.as_tensor(normalised_patching(raw, m_clean, m_corrupt, direction))
     work: dict[str, Any] = dict(first.work)
     for key in ("run", "skipped", "forwards", "rows", "token_layers"):
         work[key] = sum(int(p.work.get(key) or 0) for p in parts)
