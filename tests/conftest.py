@@ -134,6 +134,25 @@ def minilm():
     return load("minilm")
 
 
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster for the session (2 CPUs, loopback only), started by the first test
+    that asks for it; the model-holding actors of ``mechscope.scale`` are ended after the
+    session, then the cluster."""
+    ray = pytest.importorskip("ray", reason='Ray is an extra: pip install -e ".[test,ray]"')
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 _node_ip_address="127.0.0.1", logging_level="ERROR")
+    yield ray
+    from mechscope.scale import shutdown_workers
+
+    shutdown_workers()
+    if started:
+        ray.shutdown()
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if "/tests/real/" in str(item.fspath).replace(os.sep, "/"):
