@@ -139,7 +139,7 @@ def ray_cluster():
     """A local Ray cluster for the session (2 CPUs, loopback only), started by the first test
     that asks for it; the model-holding actors of ``mechscope.scale`` are ended after the
     session, then the cluster."""
-    ray = pytest.importorskip("ray", reason='Ray is an extra: pip install -e ".[test,ray]"')
+    import ray  # in the test extra (users get it with the ray extra)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     started = not ray.is_initialized()
     if started:
