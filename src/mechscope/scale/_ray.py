@@ -141,7 +141,7 @@ def run_on_ray(model: Model, fn: Callable[..., Any], shards: Sequence[list[Any]]
     res = ray.cluster_resources()
     gpus, cpus = float(res.get("GPU", 0)), float(res.get("CPU", 1))
     device = backend.device or ("cuda" if gpus else "cpu")
-    n_workers = default_workers(len(shards), gpus if device != "cpu" else 0, cpus, backend.workers)
+    n_workers = default_workers(len(shards), gpus if device != "cpu" else 0.0, cpus, backend.workers)
     share = max(1, int(cpus) // n_workers)  # the CPUs each actor reserves
     threads = backend.threads or (torch.get_num_threads() if device == "cpu" else share)
     key = (ray.get_runtime_context().get_job_id(), spec, fingerprint, device, threads, share)
