@@ -140,7 +140,6 @@ def ray_cluster():
     that asks for it; the model-holding actors of ``mechscope.scale`` are ended after the
     session, then the cluster."""
     import ray  # in the test extra (users get it with the ray extra)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     started = not ray.is_initialized()
     if started:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,

@@ -95,7 +95,6 @@ def _cluster(backend: Backend) -> None:
                              "Start one with `ray start --head` and pass the address it prints, "
                              "or leave --address out for a local cluster") from exc  # fmt: skip
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private loopback cluster
     ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
              logging_level=logging.WARNING, _node_ip_address="127.0.0.1")  # fmt: skip
 
