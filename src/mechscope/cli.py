@@ -21,11 +21,12 @@ import typer
 from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer vendors click
 from typer.main import get_command
 
+from mechscope import cli_scale as sweep
 from mechscope.cli_app import app_cmd
 from mechscope.cli_circuits import circuits_app
 from mechscope.cli_heads import heads_app
 from mechscope.cli_report import report_cmd
-from mechscope.errors import InputError, MechscopeError, StoreError
+from mechscope.errors import MechscopeError, StoreError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="mechscope: a mechanistic-interpretability workbench.")
@@ -86,24 +87,34 @@ def trace_cmd(
     positions: Annotated[str | None, typer.Option(help="Positions to keep, e.g. -1 (default all).")] = None,
     dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16.")] = "float32",
     out: Annotated[Path | None, typer.Option("--out", help="Save the trace to this new folder.")] = None,
+    prompts_file: Annotated[Path | None, typer.Option(
+        "--prompts-file", help="More prompts: a text file, one prompt per line (blank lines skipped).")] = None,
+    backend: sweep.BackendOpt = None,
+    address: sweep.AddressOpt = None,
+    workers: sweep.WorkersOpt = None,
+    shard_size: sweep.ShardOpt = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Trace prompts: print the predicted next token and the captured sites with shapes."""
     from mechscope.models import load
-    from mechscope.probes import TraceConfig, Tracer, parse_sites
+    from mechscope.probes import TraceConfig, parse_sites, trace
 
     config = TraceConfig(sites=parse_sites(sites), layers=_ints(layers, "layers"),
                          heads=_ints(heads, "heads"), positions=_ints(positions, "positions"),
                          dtype=dtype)
     if out is not None and out.exists():
         raise MechscopeError(f"--out {out} exists; choose a new folder")
-    if bool(prompt) == bool(tokens):
-        raise MechscopeError("give either --prompt TEXT or --tokens IDS (one of them, repeatable)")
-    inputs: list[Any] = list(prompt) if prompt else [list(_ints(t, "tokens") or ()) for t in tokens or []]
-    labels = list(prompt) if prompt else list(tokens or [])
+    texts = list(prompt or []) + (sweep.read_prompts(prompts_file) if prompts_file is not None else [])
+    if texts and tokens:
+        raise MechscopeError("give text prompts (--prompt/--prompts-file) or --tokens IDS, not both")
+    if not texts and not tokens:
+        raise MechscopeError("give either --prompt TEXT (repeatable), --prompts-file FILE (one "
+                             "per line) or --tokens IDS (repeatable)")  # fmt: skip
+    inputs: list[Any] = texts if texts else [list(_ints(t, "tokens") or ()) for t in tokens or []]
+    labels = texts if texts else list(tokens or [])
+    b = sweep.backend_of(backend, address, workers, shard_size)
     model = load(spec)
-    with Tracer(model, config) as tracer:
-        tr = tracer.run(inputs, out_dir=out)
+    tr = trace(model, inputs, config, out_dir=out, backend=b)
     if out is not None:
         from mechscope.probes import open_trace
 
@@ -119,7 +130,7 @@ def trace_cmd(
     result = {"model": spec, "predictions": preds, "sites": list(config.sites), "shapes": shapes,
               "dtype": dtype, "out": str(out) if out else None}
     human = "\n".join(
-        [f"{p['prompt']!r} -> "
+        [f"{_clip(str(p['prompt']))!r} -> "
          + (repr(p["next_token"]) if p["next_token"] is not None else f"token {p['next_token_id']}")
          + f" (p={p['p']:.3f})" for p in preds]
         + [f"  {k:16} {v}" for k, v in shapes.items()]
@@ -175,20 +186,42 @@ def patch_cmd(
     wrong: Annotated[str | None, typer.Option(
         help="The corrupt answer (one token; default: the corrupt run's top-1).")] = None,
     method: Annotated[str, typer.Option(help="exact (patch_sweep) or attribution (estimate).")] = "exact",
+    task: Annotated[str | None, typer.Option("--task", help="Instead of one pair, a task's pairs: a "
+                                             "zoo model's own task; ioi, induction or retrieval_text "
+                                             "on a text model.")] = None,
+    n: Annotated[int | None, typer.Option("--n", min=1, help="With --task: pairs drawn.")] = None,
+    seed: Annotated[int | None, typer.Option(help="With --task: the generator's seed (default 0).")] = None,
+    backend: sweep.BackendOpt = None,
+    address: sweep.AddressOpt = None,
+    workers: sweep.WorkersOpt = None,
+    shard_size: sweep.ShardOpt = None,
     store: Annotated[Path | None, typer.Option("--store", help="Save the result in this store.")] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Activation patching of one clean/corrupt prompt pair (exact, or the attribution estimate)."""
+    """Activation patching of one clean/corrupt pair or a task's pairs (exact, or attribution)."""
     import torch
 
-    from mechscope.attribution import patch_sweep
-    from mechscope.attribution.attrib_patch import attribution_patch, scores_payload
     from mechscope.models import load
     from mechscope.tasks.base import TaskBatch
 
     if method not in ("exact", "attribution"):
         raise MechscopeError(f"--method must be exact or attribution, got {method!r}")
+    given = [o for o, v in (("--clean", clean), ("--corrupt", corrupt), ("--clean-tokens", clean_tokens),
+                           ("--corrupt-tokens", corrupt_tokens), ("--answer", answer),
+                           ("--wrong", wrong)) if v is not None]  # fmt: skip
+    if task is not None and given:
+        raise MechscopeError(f"--task NAME brings its own pairs and answers; drop {', '.join(given)} "
+                             "(or drop --task to patch one pair)")  # fmt: skip
+    if task is None and (n is not None or seed is not None):
+        raise MechscopeError("--n and --seed go with --task NAME (the pairs drawn)")
+    b = sweep.backend_of(backend, address, workers, shard_size)
+    if method == "attribution" and (b.distributed or b.shard_size is not None):
+        raise MechscopeError("--method attribution runs in one process (one backward pass); drop "
+                             "--backend ray/--shard-size, or use --method exact to sweep")  # fmt: skip
     model = load(spec)
+    if task is not None:
+        batch = sweep.task_pairs(model, task, n, seed or 0)
+        return _patch_finish(spec, model, batch, task, site, by, direction, method, b, store, as_json)
     ids_c = _patch_tokens(model, clean, clean_tokens, "clean")
     ids_k = _patch_tokens(model, corrupt, corrupt_tokens, "corrupt")
     if len(ids_c) != len(ids_k):
@@ -196,33 +229,48 @@ def patch_cmd(
                              "patching needs equal lengths: reword one prompt (or pass token ids)")
     if not ids_c:
         raise MechscopeError("empty prompts: give at least one token")
-    pair = torch.tensor([ids_c]), torch.tensor([ids_k])
+    pair_ids = torch.tensor([ids_c]), torch.tensor([ids_k])
     if answer is None or wrong is None:
         from mechscope.probes import Tracer
 
         with Tracer(model, sites=("resid_pre",), layers=(0,), batch_size=1) as tracer:
-            tops = [int(tracer.forward(t)[0][0, -1].argmax()) for t in pair]
+            tops = [int(tracer.forward(t)[0][0, -1].argmax()) for t in pair_ids]
     a = _single_token(model, answer, "answer") if answer is not None else tops[0]
     w = _single_token(model, wrong, "wrong") if wrong is not None else tops[1]
     if a == w:
         raise MechscopeError(f"the answer and the wrong answer are the same token ({a}): the "
                              "corruption doesn't change the prediction; pass --answer/--wrong")
-    n = len(ids_c)
-    task = TaskBatch(task="cli", clean=pair[0], corrupt=pair[1], answer=torch.tensor([a]),
-                     corrupt_answer=torch.tensor([w]), answer_pos=torch.tensor([n - 1]), seed=0)
+    batch = TaskBatch(task="cli", clean=pair_ids[0], corrupt=pair_ids[1], answer=torch.tensor([a]),
+                      corrupt_answer=torch.tensor([w]), answer_pos=torch.tensor([len(ids_c) - 1]), seed=0)
+    _patch_finish(spec, model, batch, None, site, by, direction, method, b, store, as_json, (a, w))
+
+
+def _patch_finish(spec: str, model: Any, batch: Any, task: str | None, site: str, by: str, direction: str,
+                  method: str, b: Any, store: Path | None, as_json: bool,
+                  answers: tuple[int, int] | None = None) -> None:  # fmt: skip
+    from mechscope.attribution import patch_sweep
+    from mechscope.attribution.attrib_patch import attribution_patch, scores_payload
+    n_pairs = int(batch.clean.shape[0])
     if method == "exact":
-        result = patch_sweep(model, task, site=site, by=by, direction=direction, progress=False)
+        config = {"site": site, "by": by, "direction": direction, "task": task, "n_pairs": n_pairs,
+                  **sweep.backend_config(b)}  # fmt: skip
+        with sweep.recording_failure(store, "patch_sweep", model, config):
+            result = patch_sweep(model, batch, site=site, by=by, direction=direction, backend=b,
+                                 progress=task is not None and not as_json and sys.stderr.isatty())  # fmt: skip
     else:
-        result = attribution_patch(model, task, site=site, by=by, direction=direction)
-    obj = {**scores_payload(result), "by": by, "answer": a, "wrong": w, "run_id": None}
+        result = attribution_patch(model, batch, site=site, by=by, direction=direction)
+    a, w = answers or (None, None)
+    obj = {**scores_payload(result), "by": by, "task": task, "n_pairs": n_pairs, "answer": a,
+           "wrong": w, "run_id": None}  # fmt: skip
     if store is not None:
         from mechscope.store import Store
 
         obj["run_id"] = result.save(Store(store))
     frame = result.to_frame()
     top = frame.reindex(frame["score"].abs().sort_values(ascending=False).index).head(10)
+    on = f" on task {task} ({n_pairs} pairs)" if task else ""
     human = "\n".join(
-        [f"{method} {site} {direction} by {by}: metric clean {result.metric_clean:.3f}, "
+        [f"{method} {site} {direction} by {by}{on}: metric clean {result.metric_clean:.3f}, "
          f"corrupt {result.metric_corrupt:.3f}; {result.n_skipped} of {result.n_patches} skipped"]
         + [top.to_string(index=False, float_format=lambda x: f"{x:.3f}")]
         + ([f"run {obj['run_id']} saved to {store}"] if store is not None else []))
@@ -239,102 +287,7 @@ def _span(text: str) -> tuple[int, int]:
     return start, end
 
 
-def trace_payload(result: Any) -> dict[str, Any]:
-    """The JSON-ready summary of a causal trace (what ``mechscope causal-trace --json`` prints)."""
-    layer, pos = result.argmax()
-    return {
-        "scores": result.scores.tolist(), "indirect_effect": result.indirect_effect.tolist(),
-        "tokens": list(result.tokens), "token_ids": list(result.token_ids),
-        "subject": list(result.subject), "target": result.target,
-        "target_token": result.target_token, "p_clean": result.p_clean,
-        "p_corrupt": result.p_corrupt, "total_effect": result.total_effect,
-        "kind": result.trace_kind, "severed": result.severed, "window": result.window,
-        "samples": result.samples, "noise": result.noise, "sigma": result.sigma,
-        "n_skipped": result.n_skipped,
-        "peak": {"layer": layer, "pos": pos, "token": result.tokens[pos],
-                 "indirect_effect": float(result.indirect_effect[layer, pos])},
-    }  # fmt: skip
-
-
-@app.command("causal-trace")
-def causal_trace_cmd(
-    spec: Annotated[str, typer.Argument(help="Model spec: smollm2, zoo:NAME, native:..., a path.")],
-    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Prompt text.")] = None,
-    prompt_tokens: Annotated[str | None, typer.Option(
-        "--prompt-tokens", help="Prompt token ids, comma-separated (models without a tokenizer).")] = None,
-    subject: Annotated[str | None, typer.Option(
-        "--subject", help="The subject: a piece of the prompt's text, e.g. 'The Eiffel Tower'.")] = None,
-    subject_span: Annotated[str | None, typer.Option(
-        "--subject-span", help="The subject as token positions START:END (end exclusive).")] = None,
-    target: Annotated[str | None, typer.Option(
-        help="The answer (one token; an id for models without a tokenizer; default: the clean "
-             "run's top-1).")] = None,
-    kind: Annotated[str, typer.Option(help="hidden, mlp or attn: what is restored.")] = "hidden",
-    samples: Annotated[int, typer.Option(min=1, help="Noisy runs averaged (ROME: 10).")] = 10,
-    noise: Annotated[float, typer.Option(min=0.0, help="Noise level in embedding stds (ROME: 3).")] = 3.0,
-    window: Annotated[int, typer.Option(
-        min=1, help="Layers restored together for mlp/attn (ROME: 10).")] = 10,
-    seed: Annotated[int, typer.Option(help="Seed of the noise.")] = 0,
-    severed: Annotated[str | None, typer.Option(
-        help="mlp or attn: freeze those outputs above the restored layer (kind hidden only).")] = None,
-    top: Annotated[int, typer.Option(min=1, help="Cells shown in the table.")] = 10,
-    store: Annotated[Path | None, typer.Option("--store", help="Save the result in this store.")] = None,
-    as_json: JsonFlag = False,
-) -> None:
-    """ROME causal tracing of one prompt: restore each (layer, token) into noised-subject runs."""
-    from mechscope.attribution import causal_trace
-    from mechscope.models import load
-
-    if kind not in ("hidden", "mlp", "attn"):
-        raise MechscopeError(f"--kind must be hidden, mlp or attn, got {kind!r}")
-    if severed is not None and severed not in ("mlp", "attn"):
-        raise MechscopeError(f"--severed must be mlp or attn, got {severed!r}")
-    if severed is not None and kind != "hidden":
-        raise MechscopeError(f"--severed {severed} works with --kind hidden only (got --kind {kind})")
-    if (prompt is None) == (prompt_tokens is None):
-        raise MechscopeError("give either --prompt TEXT or --prompt-tokens IDS (exactly one)")
-    if (subject is None) == (subject_span is None):
-        raise MechscopeError("give either --subject TEXT or --subject-span START:END (exactly one)")
-    if prompt is not None and not prompt.strip():
-        raise MechscopeError("the prompt is empty; give it some text")
-    ids = None if prompt_tokens is None else list(_ints(prompt_tokens, "prompt-tokens") or ())
-    if ids is not None and not ids:
-        raise MechscopeError("--prompt-tokens is empty: give at least one token id")
-    span = None if subject_span is None else _span(subject_span)
-    model = load(spec)
-    if model.tokenizer is None and prompt is not None:
-        raise MechscopeError("this model has no tokenizer, so --prompt TEXT cannot be read; pass "
-                             "token ids with --prompt-tokens 1,2,3 and --subject-span START:END")
-    if model.tokenizer is None and subject is not None:
-        raise MechscopeError("this model has no tokenizer, so --subject TEXT cannot be found; "
-                             "pass --subject-span START:END")
-    tgt = None if target is None else _single_token(model, target, "target")
-    the_prompt: str | list[int] = ids if ids is not None else prompt or ""
-    the_subject: str | tuple[int, int] = span if span is not None else subject or ""
-    try:
-        result = causal_trace(model, the_prompt, the_subject, target=tgt, kind=kind,
-                              window=window, samples=samples, noise=noise, seed=seed,
-                              severed=severed, progress=not as_json and sys.stderr.isatty())  # fmt: skip
-    except InputError as exc:  # the library's hints name its arguments; name the options
-        raise InputError(str(exc).replace("a (start, end) token span", "--subject-span START:END")
-                         .replace("a (start, end) span", "--subject-span START:END")) from exc
-    obj = {"model": spec, **trace_payload(result), "seed": seed, "run_id": None}
-    if store is not None:
-        from mechscope.store import Store
-
-        obj["run_id"] = result.save(Store(store))
-    frame = result.to_frame()
-    cells = frame.sort_values("indirect_effect", ascending=False).head(top)
-    sev = f", {severed} severed" if severed else ""
-    human = "\n".join(
-        [f"causal trace ({kind}{sev}, {samples} samples, noise {noise:g}): "
-         f"p({result.target_token!r}) clean {result.p_clean:.4f}, corrupt {result.p_corrupt:.4f}, "
-         f"total effect {result.total_effect:.4f}",
-         f"top {len(cells)} cells by indirect effect (* = subject token):"]
-        + [cells[["layer", "pos", "token", "indirect_effect"]].to_string(
-            index=False, float_format=lambda x: f"{x:.4f}")]
-        + ([f"run {obj['run_id']} saved to {store}"] if store is not None else []))
-    _emit(obj, as_json, human)
+app.command("causal-trace")(sweep.causal_trace_cmd)
 
 
 def _usable_store_dir(path: Path) -> bool:
@@ -530,6 +483,7 @@ def discover_cmd(
     _emit(summary, as_json, "\n".join(lines))
 
 
+heads_app.command("stats")(sweep.head_stats_cmd)
 app.command("report")(report_cmd)
 app.command("app")(app_cmd)
 

@@ -6,6 +6,7 @@ one JSON object: ``model``, ``analysis``, the result's ``payload()`` (``scores``
 grid; ``heads``: the selected heads as ``[layer, head]`` pairs; per-analysis fields) and ``run_id``
 (with ``--store``). Prompts come from ``--prompt`` (repeatable; ``--tokens`` for models without a
 tokenizer) or ``--task``; with neither, each analysis runs its built-in inputs for the model.
+``heads stats`` (head statistics, with the sweep options) lives in :mod:`mechscope.cli_scale`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import typer
 from mechscope.errors import MechscopeError
 
 heads_app = typer.Typer(no_args_is_help=True,
-                        help="Head analyses: retrieval heads, head divergence, attention sinks.")  # fmt: skip
+                        help="Head analyses: retrieval heads, head divergence, attention sinks, "
+                             "head statistics.")  # fmt: skip
 
 SpecArg = Annotated[
     str, typer.Argument(help="Model spec: smollm2, minilm, zoo:NAME, native:..., a path.")

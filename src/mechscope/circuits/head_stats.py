@@ -312,9 +312,12 @@ def default_run(
     n: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    backend: str | Backend = "local",
+    shard_size: int | None = None,
 ) -> HeadStatistics:
     """Head statistics on ``prompts``, or on ``n`` (default 16) ``[BOS] + R + R`` induction rows
-    (R of 20 tokens on a tokenizer's vocabulary, or of a zoo/native model's ids)."""
+    (R of 20 tokens on a tokenizer's vocabulary, or of a zoo/native model's ids); ``backend``
+    and ``shard_size`` as in :func:`head_statistics`."""
     from mechscope.tasks.induction import induction
 
     if task not in (None, "induction"):
@@ -322,7 +325,8 @@ def default_run(
             f"head statistics run on the induction task or on --prompt; got task {task!r}"
         )
     if prompts:
-        return head_statistics(model, prompts, progress=progress)
+        return head_statistics(model, prompts, progress=progress, backend=backend,
+                               shard_size=shard_size)
     n_ctx = int(model.cfg.n_ctx)
     seq_len = max(3, min(20, (n_ctx - 2) // 2))
     if model.tokenizer is not None:
@@ -330,4 +334,4 @@ def default_run(
     else:
         b = induction(n or 16, seq_len=seq_len, d_vocab=int(model.cfg.d_vocab), seed=seed)
     rows = torch.cat([b.clean, b.answer[:, None]], 1)  # the full [BOS] R R
-    return head_statistics(model, rows, progress=progress)
+    return head_statistics(model, rows, progress=progress, backend=backend, shard_size=shard_size)
