@@ -58,3 +58,25 @@ def test_circuits_benchmark_quick_mode_runs() -> None:
         for peer in ("by_pos", "all_pos", "sweep"):
             assert r[peer]["ratio_peer_over_ours"] > 0
     assert 0.0 <= by_case["zoo:ioi"]["auc_circuit"] <= 1.0
+
+
+def test_scale_benchmark_quick_mode_runs(ray_cluster, monkeypatch) -> None:
+    """benchmarks/scale.py --quick, on the session's Ray cluster: causal traces (zoo:facts) from 2
+    Ray workers with the driver's threads equal the local ones bit for bit, head statistics
+    (zoo:induction) from 2 workers of 1 thread each within fp32 tolerance; every row has its
+    start-up time, timings and throughput ratio."""
+    from mechscope.scale import shutdown_workers
+
+    shutdown_workers()  # this process's actors would hold the cluster's CPUs
+    monkeypatch.setenv("RAY_ADDRESS", ray_cluster.get_runtime_context().gcs_address)
+    rows = _quick_rows("scale.py")
+    by_case = {r["case"]: r for r in rows}
+    assert by_case.pop("cluster")["how"] == "connected"
+    assert set(by_case) == {"zoo:induction:heads:ray2_threads1", "zoo:facts:causal:ray2"}, rows
+    for r in by_case.values():
+        assert r["gate"] == "pass", r
+        assert r["max_abs_err"] <= r["tol"]
+        assert r["workers"] == 2 and r["shards"] >= 2
+        assert r["startup_s"] > 0 and r["ratio_vs_local"] > 0
+        assert r["ray_items_per_s"] == r["items"] / r["ray_s"]["median"]
+    assert by_case["zoo:facts:causal:ray2"]["identical_to_local"] is True
