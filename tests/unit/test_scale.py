@@ -309,3 +309,12 @@ def test_ray_needs_a_model_loaded_from_a_spec_and_unchanged_weights(ray_cluster,
         next(edited.parameters()).add_(1.0)
     with pytest.raises(InputError, match="differs from yours"):
         map_shards(edited, _double, [[1]], backend=RAY2, progress=False)
+
+
+@pytest.mark.parametrize("address, why", [("127.0.0.1:1", "nothing answers"),
+                                          ("nonsense", "is not HOST:PORT")])
+def test_a_ray_address_nothing_answers_at_is_refused_in_seconds(address, why):
+    from mechscope.scale._ray import _reachable
+
+    with pytest.raises(InputError, match=why):
+        _reachable(address)

@@ -88,6 +88,7 @@ def _cluster(backend: Backend) -> None:
     if ray.is_initialized():
         return
     if backend.address:
+        _reachable(backend.address)
         try:
             ray.init(address=backend.address, logging_level=logging.WARNING, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -96,7 +97,25 @@ def _cluster(backend: Backend) -> None:
                              "or leave --address out for a local cluster") from exc  # fmt: skip
         return
     ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
-             logging_level=logging.WARNING, _node_ip_address="127.0.0.1")  # fmt: skip
+             logging_level=logging.ERROR, _node_ip_address="127.0.0.1")  # fmt: skip
+
+
+def _reachable(address: str) -> None:
+    """Refuse an address nothing listens on within seconds (Ray itself retries for minutes)."""
+    import socket
+
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    fix = ("start a cluster with `ray start --head` and pass the address it prints (HOST:6379, "
+           "or ray://HOST:10001), or leave --address out for a local cluster")
+    if not host or not port.isdigit():
+        raise InputError(f"the Ray address {address!r} is not HOST:PORT or ray://HOST:PORT; {fix}")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as exc:
+        raise InputError(f"nothing answers at the Ray address {address!r} "
+                         f"({exc.strerror or exc}); {fix}") from None
 
 
 def _spec(model: Model) -> tuple[str, str]:
