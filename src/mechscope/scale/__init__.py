@@ -260,7 +260,7 @@ def map_shards(model: Model, fn: Callable[..., T], shards: Sequence[Sequence[Any
 def default_workers(n_shards: int, gpus: float, cpus: float, workers: int | None) -> int:
     """Actors for a sweep: the asked number, else one per GPU (or CPU), never more than shards.
 
-    >>> default_workers(10, 0, 2, None), default_workers(10, 4, 32, None), default_workers(1, 0, 8, 4)
+    >>> default_workers(10, 0.0, 2.0, None), default_workers(10, 4.0, 32.0, None), default_workers(1, 0.0, 8.0, 4)
     (2, 4, 1)
     """
     n = workers or int(gpus) or max(1, int(cpus))
