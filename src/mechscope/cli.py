@@ -215,7 +215,7 @@ def patch_cmd(
     if task is None and (n is not None or seed is not None):
         raise MechscopeError("--n and --seed go with --task NAME (the pairs drawn)")
     b = sweep.backend_of(backend, address, workers, shard_size)
-    if method == "attribution" and (b.distributed or b.shard_size is not None):
+    if method == "attribution" and b.sharded:
         raise MechscopeError("--method attribution runs in one process (one backward pass); drop "
                              "--backend ray/--shard-size, or use --method exact to sweep")  # fmt: skip
     model = load(spec)

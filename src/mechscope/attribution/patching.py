@@ -426,7 +426,7 @@ def patch_sweep(
                       resume=resume, engine=engine, dtype=dtype, progress=progress)  # fmt: skip
     clean, corrupt, task = sweep_inputs(model, cfg, task_or_pair, metric)
     sharding = as_backend(backend, shard_size=shard_size)
-    if sharding.distributed or sharding.shard_size is not None:
+    if sharding.sharded:
         from mechscope.scale.sweeps import patch_sweep_sharded
 
         if task is None:

@@ -262,7 +262,7 @@ def head_statistics(
               "exclude_current_token": exclude_current_token, "target_rows_only": target_rows_only,
               "batch_size": batch_size, "n_prompts": int(len(lengths))}  # fmt: skip
     sharding = as_backend(backend, shard_size=shard_size)
-    if sharding.distributed or sharding.shard_size is not None:
+    if sharding.sharded:
         from mechscope.scale.sweeps import head_statistics_sweep
 
         return head_statistics_sweep(  # type: ignore[no-any-return]

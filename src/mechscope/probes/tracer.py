@@ -405,7 +405,7 @@ def trace(model: Model, prompts: Prompts, config: TraceConfig | None = None, *,
     (streamed to ``out_dir`` in order where given): the same trace as the local run, bit for bit.
     """
     sharding = as_backend(backend, shard_size=shard_size)
-    if sharding.distributed or sharding.shard_size is not None:
+    if sharding.sharded:
         from mechscope.scale.sweeps import trace_sweep
 
         config = replace(config, **fields) if config is not None else TraceConfig(**fields)

@@ -98,6 +98,12 @@ class Backend:
     def distributed(self) -> bool:
         return self.kind == "ray"
 
+    @property
+    def sharded(self) -> bool:
+        """Whether a sweep takes the sharded path: on Ray, or locally with a ``shard_size``
+        (an unsharded local call runs the analysis as it always did)."""
+        return self.distributed or self.shard_size is not None
+
 
 def as_backend(backend: str | Backend | None, **fields: Any) -> Backend:
     """A :class:`Backend` from a name (``"local"``, ``"ray"``) or a Backend, with ``fields``
@@ -288,10 +294,6 @@ def record_incomplete(store: Any, kind: str, error: SweepIncomplete, *, model: M
     except SweepIncomplete:
         pass
     return run_id
-
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b) if b else 0
 
 
 def round_up(n: int, multiple: int) -> int:
