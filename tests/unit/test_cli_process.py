@@ -240,3 +240,39 @@ def test_ctrl_c_during_report_exits_130_and_writes_nothing(tmp_path):
     assert code == 130, err
     assert err.rstrip().endswith("interrupted") and "Traceback" not in err, err
     assert not out.parent.exists() or not list(out.parent.iterdir())  # no report, no temp file
+
+
+def test_ctrl_c_during_a_ray_sweep_exits_130_and_saves_nothing(tmp_path):
+    """Ctrl-C while the shards run on Ray actors (the driver waits on them): one line, 130, no run."""
+    patch = f"""
+        import sys, time
+        import ray
+        _wait = ray.wait
+
+        def slow_wait(refs, *args, **kwargs):
+            if kwargs.get("timeout") == 0.5:  # the sweep loop: shards are running on the actors
+                sys.stderr.write({READY!r} + "\\n")
+                sys.stderr.flush()
+                time.sleep(120)
+            return _wait(refs, *args, **kwargs)
+
+        ray.wait = slow_wait
+    """
+    store = tmp_path / "s"
+    code, err = _interrupt(patch, ["heads", "stats", "zoo:induction", "--n", "8", "--backend",
+                                   "ray", "--workers", "2", "--shard-size", "4", "--store",
+                                   str(store)], tmp_path)  # fmt: skip
+    assert code == 130, err
+    assert err.rstrip().endswith("interrupted") and "Traceback" not in err, err
+    assert not store.exists()  # the result is saved only once the sweep is merged
+
+
+def test_ctrl_c_during_a_causal_trace_over_facts_exits_130(tmp_path):
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text('{"prompt": [0, 5, 6, 7], "subject": [1, 3]}\n')
+    code, err = _interrupt(_slow("mechscope.attribution.causal_sweep", "trace_facts"),
+                           ["causal-trace", "zoo:facts", "--facts", str(facts), "--store",
+                            str(tmp_path / "s")], tmp_path)  # fmt: skip
+    assert code == 130, err
+    assert err.rstrip().endswith("interrupted") and "Traceback" not in err, err
+    assert not (tmp_path / "s").exists()
