@@ -15,6 +15,7 @@ module                        what
 :mod:`.retrieval`             retrieval score of every head (Wu et al. 2024), masking validation
 :mod:`.streaming`             DuoAttention gates: streaming vs retrieval (full-attention) heads
 :mod:`.divergence`            head divergence (VHD, T-VHD) for any segment; head reinforcement (VHR)
+:mod:`.segment_mass`          attention each head puts on a context segment (either attention path)
 :mod:`.sinks`                 ACT sinks, VAR massive dimensions, ACT calibration and head selection
 :mod:`.head_stats`            previous-token / duplicate / induction / sink scores of all heads
 :mod:`.attention`             shared interventions on attention patterns (uniform attention, ...)
@@ -53,6 +54,7 @@ from mechscope.circuits.retrieval import (
 from mechscope.circuits.sae import SAECircuit, SAEConfig, discover, sae_circuit, task_batch
 from mechscope.circuits.sae_model import DiscreteSAE
 from mechscope.circuits.sae_train import train_sae
+from mechscope.circuits.segment_mass import SegmentAttention, segment_attention
 from mechscope.circuits.sinks import (
     AttentionSinks,
     CalibrationResult,
@@ -70,6 +72,7 @@ __all__ = [
     "DiscreteSAE",
     "SAECircuit",
     "SAEConfig",
+    "SegmentAttention",
     "discover",
     "evaluate_methods",
     "ranking_metrics",
@@ -95,6 +98,7 @@ __all__ = [
     "retrieval_grid_scores",
     "retrieval_scores",
     "select_calibration_heads",
+    "segment_attention",
     "select_reinforced",
     "streaming_gates",
     "uniform_attention",
