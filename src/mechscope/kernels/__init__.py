@@ -10,11 +10,30 @@ Tests and benchmarks import the same references.
   position[, head]), in place.
 - :func:`add_subject_noise`: the corruption step of causal tracing (noise on the subject's token
   embeddings); :func:`subject_noise` draws the noise under the common-random-numbers seeding rule.
+- :func:`attention_stats`: one layer's attention statistics (:class:`AttnStats`: row lse and
+  entropy, key mass received, segment mass, argmax and top-k of selected rows) from its rotated
+  queries and keys without materialising the ``[query, key]`` pattern; :func:`stats_from_pattern`
+  reads the same from a materialised pattern, :func:`act_mean` the mean attention a key receives.
 """
 
 from __future__ import annotations
 
+from mechscope.kernels.attn_stats import (
+    AttnStats,
+    act_mean,
+    attention_stats,
+    stats_from_pattern,
+)
 from mechscope.kernels.noise import add_subject_noise, subject_noise
 from mechscope.kernels.patch_scatter import ALL, scatter_patches
 
-__all__ = ["ALL", "add_subject_noise", "scatter_patches", "subject_noise"]
+__all__ = [
+    "ALL",
+    "AttnStats",
+    "act_mean",
+    "add_subject_noise",
+    "attention_stats",
+    "scatter_patches",
+    "stats_from_pattern",
+    "subject_noise",
+]
