@@ -49,6 +49,21 @@ StoreOpt = Annotated[Path | None, typer.Option("--store", help="Save the result 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 
 
+PathOpt = Annotated[
+    str,
+    typer.Option(
+        "--path",
+        help="How attention is read: auto (statistics without the [query, key] patterns when "
+        "they would exceed the memory budget, $MECHSCOPE_MAX_BYTES), patterns, or stats.",
+    ),
+]
+
+
+def _path_line(result: Any) -> list[str]:
+    ap = result.payload().get("attention_path") or {}
+    return [f"attention path: {ap['path']} ({ap['why']})"] if ap else []
+
+
 def _inputs(prompt: list[str] | None, tokens: list[str] | None, task: str | None) -> Any:
     """The prompts as the analyses take them: texts, lists of token ids, or None (built-in)."""
     from mechscope.cli import _ints
@@ -133,6 +148,7 @@ def retrieval_cmd(
     top: TopOpt = 10,
     store: StoreOpt = None,
     as_json: JsonFlag = False,
+    path: PathOpt = "auto",
 ) -> None:
     """Retrieval heads (Wu et al. 2024): each head's copy-paste score while the model decodes needles."""
     from mechscope.circuits.retrieval import default_run
@@ -147,13 +163,13 @@ def retrieval_cmd(
 
         the_needle = list(_ints(needle, "needle") or ())
     result = default_run(model, prompts=prompts, needle=the_needle, task=task, n=n, seed=seed,
-                         progress=_progress(as_json))  # fmt: skip
+                         path=path, progress=_progress(as_json))  # fmt: skip
     p = result.payload()
     title = (
         f"retrieval scores: {p.get('n_answered')} of {p.get('n_trials')} trials answered; "
         f"{100 * float(p.get('share') or 0):.1f}% of heads score > {p.get('threshold', 0.1)}"
     )
-    _finish(spec, "retrieval", result, store, as_json, top, title)
+    _finish(spec, "retrieval", result, store, as_json, top, title, _path_line(result))
 
 
 @heads_app.command("divergence")
@@ -229,6 +245,7 @@ def sinks_cmd(
     top: TopOpt = 10,
     store: StoreOpt = None,
     as_json: JsonFlag = False,
+    path: PathOpt = "auto",
 ) -> None:
     """Attention sinks (ACT): the keys that soak up attention, and each head's share absorbed by them."""
     from mechscope.circuits.sinks import default_run
@@ -236,7 +253,7 @@ def sinks_cmd(
     prompts = _inputs(prompt, tokens, task)
     model = _load(spec, prompts)
     result = default_run(
-        model, prompts=prompts, task=task, n=n, seed=seed, progress=_progress(as_json)
+        model, prompts=prompts, task=task, n=n, seed=seed, path=path, progress=_progress(as_json)
     )
     p = result.payload()
     sinks = p.get("sinks", [])
@@ -245,7 +262,7 @@ def sinks_cmd(
         f"  pos {s['position']:<5} freq {s['frequency']:.3f}  tokens "
         + ", ".join(f"{t!r} x{c}" for t, c in list(s["tokens"].items())[:3])
         for s in sinks[:10]
-    ]
+    ] + _path_line(result)
     _finish(
         spec,
         "sinks",

@@ -12,7 +12,9 @@ the demo run on a model's built-in inputs.
 ============================  =====================================================================
 module                        what
 ============================  =====================================================================
-:mod:`.retrieval`             retrieval score of every head (Wu et al. 2024), masking validation
+:mod:`.retrieval`             retrieval score of every head (Wu et al. 2024); masking validation in
+                              :mod:`.retrieval_masking`
+:mod:`.attn_path`             how analyses read attention: patterns, or statistics without them
 :mod:`.streaming`             DuoAttention gates: streaming vs retrieval (full-attention) heads
 :mod:`.divergence`            head divergence (VHD, T-VHD) for any segment; head reinforcement (VHR)
 :mod:`.segment_mass`          attention each head puts on a context segment (either attention path)
@@ -45,12 +47,11 @@ from mechscope.circuits.evaluate import CircuitEvaluation, evaluate_methods, ran
 from mechscope.circuits.graph import Circuit
 from mechscope.circuits.head_stats import HeadStatistics, head_statistics
 from mechscope.circuits.retrieval import (
-    MaskingResult,
     RetrievalScores,
-    masking_validation,
     retrieval_grid_scores,
     retrieval_scores,
 )
+from mechscope.circuits.retrieval_masking import MaskingResult, masking_validation
 from mechscope.circuits.sae import SAECircuit, SAEConfig, discover, sae_circuit, task_batch
 from mechscope.circuits.sae_model import DiscreteSAE
 from mechscope.circuits.sae_train import train_sae

@@ -28,7 +28,6 @@ equal lengths (every retrieval generator's do).
 
 from __future__ import annotations
 
-import random
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -42,18 +41,19 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechscope.attribution.engine import Engine, agrees
-from mechscope.circuits.attention import uniform_attention
+from mechscope.circuits.attn_path import StatsForward, choose_path
 from mechscope.errors import InputError
 from mechscope.figures import layer_head_heatmap
-from mechscope.probes import Tracer, intervene
+from mechscope.probes import Tracer
 from mechscope.results import Provenance, Result
 from mechscope.tasks.base import TaskBatch
 from mechscope.types import Model
 
-__all__ = ["MaskingResult", "RetrievalScores", "copy_events", "default_run", "masking_validation",
-           "needle_positions", "retrieval_grid_scores", "retrieval_scores", "rouge1_recall"]  # fmt: skip
+__all__ = ["RetrievalScores", "copy_events", "default_run", "needle_positions",
+           "retrieval_grid_scores", "retrieval_scores", "rouge1_recall"]  # fmt: skip
 
 THRESHOLD = 0.1
+GATE_TOKENS = 256  # the statistics path's gate compares this many first tokens with the bridge
 TIE = 1e-5  # argmax gate: heads whose top two weights are closer than this are not compared
 EngineChoice = str  # "auto" | "engine" | "hooks" (checked at run time, InputError otherwise)
 
@@ -170,12 +170,13 @@ def _argmax(pattern: Tensor) -> Tensor:  # [layer, row, head, key] -> [row, laye
 Decoded = tuple[Tensor, Tensor, Tensor, Tensor]
 
 
-def _decode_engine(eng: Engine, tokens: Tensor, steps: int) -> Decoded:
+def _decode_engine(eng: Engine, tokens: Tensor, steps: int, sf: StatsForward | None = None) -> Decoded:
     """Greedy decoding with the engine's cache: generated ``[row, step]``, argmax ``[step, row,
-    layer, head]``, and the prompt's last logits and last-query patterns (for the gate)."""
+    layer, head]``, and the prompt's last logits and last-query patterns (for the gate). ``sf``:
+    prefill by the statistics path (no ``[query, key]`` tensor)."""
     rows, t = tokens.shape
     pos = torch.arange(t).expand(rows, -1)
-    cache, x, pat = eng.prefill(eng.embed(tokens, pos))
+    cache, x, pat = sf.prefill(tokens) if sf is not None else eng.prefill(eng.embed(tokens, pos))
     logits = eng.logits(x[:, -1])
     first_logits, first_pat = logits, pat
     gen, arg = [], []
@@ -226,29 +227,41 @@ def _gate(model: Model, tokens: Tensor, own: Decoded) -> tuple[str | None, dict[
     return None, info
 
 
-def _choose(model: Model, engine: EngineChoice, tokens: Tensor,
-            steps: int) -> tuple[Engine | None, dict[str, Any], Decoded | None]:  # fmt: skip
-    """The engine (or None: hooks), why, and the engine's decoding of the first batch
-    ``tokens`` that the gate checked (reused)."""
+def _choose(model: Model, engine: EngineChoice, tokens: Tensor, steps: int, path: str = "auto"
+            ) -> tuple[Engine | None, StatsForward | None, dict[str, Any], Decoded | None]:  # fmt: skip
+    """The engine (or None: hooks), its statistics-path prefill (None: eager), why, and the
+    engine's decoding of the first batch ``tokens`` that the gate checked (reused). On the
+    statistics path the gate compares the first :data:`GATE_TOKENS` tokens (the bridge's eager
+    forward does not fit at full length), and the prefill's attention is checked in the tests."""
     if engine not in ("auto", "engine", "hooks"):
         raise InputError(f"engine must be 'auto', 'engine' or 'hooks', got {engine!r}")
+    choice = choose_path(model, [tokens.shape[1]], path)
     if engine == "hooks":
-        return None, {"path": "hooks", "why": "engine='hooks'"}, None
+        if choice.path == "stats":
+            raise InputError(f"engine='hooks' runs the bridge's eager attention, but {choice.why}; "
+                             "use engine='auto'")  # fmt: skip
+        return None, None, {"path": "hooks", "why": "engine='hooks'",
+                            "attention_path": choice.as_dict()}, None
     why = Engine.why_not(model)
     eng = Engine.of(model) if why is None else None
     if eng is not None and eng._embed is None:
         why, eng = "the engine cannot embed new tokens for this model", None
+    sf = StatsForward(model) if choice.path == "stats" and eng is not None else None
     gate: dict[str, Any] = {}
     own: Decoded | None = None
     if eng is not None:
+        head = tokens[:, :GATE_TOKENS] if sf is not None else tokens
         with torch.no_grad():
-            own = _decode_engine(eng, tokens, steps)
-            why, gate = _gate(model, tokens, own)
+            own = _decode_engine(eng, head, 1 if sf is not None else steps, sf)
+            why, gate = _gate(model, head, own)
     if why is not None:
-        if engine == "engine":
-            raise InputError(f"the engine cannot decode this model: {why}; use engine='hooks'")
-        return None, {"path": "hooks", "why": why, "gate": gate}, None
-    return eng, {"path": "engine", "why": "engine gate passed on the first batch", "gate": gate}, own
+        if engine == "engine" or choice.path == "stats":
+            raise InputError(f"the engine cannot decode this model: {why}; use engine='hooks' on "
+                             "prompts whose patterns fit the memory budget")  # fmt: skip
+        return None, None, {"path": "hooks", "why": why, "gate": gate,
+                            "attention_path": choice.as_dict()}, None
+    return eng, sf, {"path": "engine", "why": "engine gate passed on the first batch", "gate": gate,
+                     "attention_path": choice.as_dict()}, None if sf is not None else own
 
 
 # -- results ----------------------------------------------------------------------------------
@@ -334,12 +347,14 @@ class RetrievalScores(Result):
                 "share": self.share_above(), "exactly_zero": float((self.scores == 0).float().mean()),
                 "top": [[lay, h, s] for lay, h, s in self.top(10)],
                 "n_trials": len(self.answered), "n_answered": self.n_answered,
-                "path": self.work.get("path"), "why": self.work.get("why")}  # fmt: skip
+                "path": self.work.get("path"), "why": self.work.get("why"),
+                "attention_path": self.work.get("attention_path")}  # fmt: skip
 
 
 def retrieval_scores(model: Model, batches: TaskBatch | Sequence[TaskBatch], *,
                      needle_spans: Sequence[Any] | None = None, max_new_tokens: int | None = None,
-                     engine: EngineChoice = "auto", progress: bool = True) -> RetrievalScores:  # fmt: skip
+                     engine: EngineChoice = "auto", path: str = "auto", progress: bool = True
+                     ) -> RetrievalScores:  # fmt: skip
     """Retrieval score of every head over needle-in-a-haystack batches (module docstring).
 
     Args:
@@ -351,6 +366,8 @@ def retrieval_scores(model: Model, batches: TaskBatch | Sequence[TaskBatch], *,
         max_new_tokens: tokens decoded per row (default: the row's needle length).
         engine: ``auto`` (engine if its gate passes, else hooks), ``engine`` (error if it cannot),
             ``hooks``.
+        path: ``auto`` prefills by the statistics path (:mod:`~mechscope.circuits.attn_path`)
+            when the patterns would exceed the memory budget; ``patterns``/``stats`` force one.
         progress: tqdm over batches.
     """
     _check_model(model)
@@ -381,7 +398,7 @@ def retrieval_scores(model: Model, batches: TaskBatch | Sequence[TaskBatch], *,
     max_steps = max(max_new_tokens or int((p >= 0).sum(1).max()) for p in needles)
     device = next(model.parameters()).device
     first_steps = max_new_tokens or needles[0].shape[1]
-    eng, work, first = _choose(model, engine, blist[0].clean.to(device), first_steps)
+    eng, sf, work, first = _choose(model, engine, blist[0].clean.to(device), first_steps, path)
     work["gate_s"] = time.perf_counter() - t0
     per_trial, nlen, gens, nds, cells, sc = [], [], [], [], [], []
     for i, (b, pos) in enumerate(tqdm(list(zip(blist, needles, strict=True)), desc="retrieval",
@@ -391,7 +408,7 @@ def retrieval_scores(model: Model, batches: TaskBatch | Sequence[TaskBatch], *,
         steps = int(row_steps.max())
         tokens = b.clean.to(device)
         with torch.no_grad():
-            out = (first if i == 0 and first is not None else _decode_engine(eng, tokens, steps)
+            out = (first if i == 0 and first is not None else _decode_engine(eng, tokens, steps, sf)
                    if eng is not None else _decode_hooks(model, tokens, steps))  # fmt: skip
         gen, arg, clean = out[0].cpu(), out[1].cpu(), b.clean.cpu()
         copied = torch.zeros(*arg.shape[1:], pos.shape[1], dtype=torch.bool)
@@ -414,7 +431,8 @@ def retrieval_scores(model: Model, batches: TaskBatch | Sequence[TaskBatch], *,
     frac = pt.float() / nl[:, None, None].float()
     scores = frac[answered].mean(0) if bool(answered.any()) else torch.zeros(pt.shape[1:])
     work["seconds"] = time.perf_counter() - t0
-    config = {"n_batches": len(blist), "max_new_tokens": max_new_tokens, "engine": engine}
+    config = {"n_batches": len(blist), "max_new_tokens": max_new_tokens, "engine": engine,
+              "path": path}
     return RetrievalScores(provenance=Provenance.of(model, config, seed=blist[0].seed), scores=scores,
                            per_trial=pt, needle_len=nl, answered=answered, recall=recall,
                            generations=gens, needles=nds, step_copies=torch.cat(sc), cells=cells,
@@ -436,7 +454,7 @@ def _zoo_vocab(model: Model) -> tuple[Any, int]:
 
 def retrieval_grid_scores(model: Model, tokenizer: Any, lengths: Sequence[int], depths: Sequence[float],
                           *, n: int = 1, seed: int = 0, engine: EngineChoice = "auto",
-                          max_new_tokens: int | None = None, progress: bool = True,
+                          path: str = "auto", max_new_tokens: int | None = None, progress: bool = True,
                           **task_kwargs: Any) -> RetrievalScores:  # fmt: skip
     """Scores over :func:`~mechscope.tasks.retrieval_grid` (lengths x depths, ``n`` prompts a
     cell), averaged over the answered trials of the whole grid. ``tokenizer`` None: the synthetic
@@ -448,88 +466,8 @@ def retrieval_grid_scores(model: Model, tokenizer: Any, lengths: Sequence[int], 
     n_ctx = int(getattr(model.cfg, "n_ctx", 0) or 0) or None
     batches = list(retrieval_grid(lengths, depths, n=n, seed=seed, tokenizer=tokenizer, n_ctx=n_ctx,
                                   **task_kwargs))  # fmt: skip
-    return retrieval_scores(model, batches, engine=engine, max_new_tokens=max_new_tokens,
+    return retrieval_scores(model, batches, engine=engine, path=path, max_new_tokens=max_new_tokens,
                             progress=progress)  # fmt: skip
-
-
-# -- masking ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, kw_only=True, eq=False)
-class MaskingResult(Result):
-    """Needle accuracy (top-1 at ``answer_pos``: the first needle token the model must produce)
-    with the top-K retrieval heads' attention made uniform at every query, vs K random other
-    heads (several draws), vs no masking."""
-
-    k: int
-    top_heads: list[tuple[int, int]]
-    random_heads: list[list[tuple[int, int]]]
-    baseline: float
-    top_accuracy: float
-    random_accuracy: list[float]
-    scores: Tensor
-    metric: str = "top-1 accuracy at answer_pos"
-
-    def to_frame(self) -> pd.DataFrame:
-        conds = [("baseline", self.baseline, []), (f"top-{self.k}", self.top_accuracy, self.top_heads)]
-        conds += [(f"random-{self.k} #{i}", a, hs) for i, (a, hs)
-                  in enumerate(zip(self.random_accuracy, self.random_heads, strict=True))]  # fmt: skip
-        return pd.DataFrame([{"condition": c, "accuracy": a, "heads": str([list(h) for h in hs])}
-                             for c, a, hs in conds])  # fmt: skip
-
-    def figure(self) -> go.Figure:
-        f = self.to_frame()
-        fig = go.Figure(go.Bar(x=f["condition"], y=f["accuracy"]))
-        fig.update_layout(title=f"needle accuracy with K={self.k} heads' attention uniform",
-                          yaxis_title=self.metric, yaxis_range=[0, 1])  # fmt: skip
-        return fig
-
-    def payload(self) -> dict[str, Any]:
-        return {"scores": self.scores.tolist(), "heads": [list(h) for h in self.top_heads],
-                "k": self.k, "baseline": self.baseline, "top_accuracy": self.top_accuracy,
-                "random_accuracy": list(self.random_accuracy),
-                "random_heads": [[list(h) for h in hs] for hs in self.random_heads]}  # fmt: skip
-
-
-def _accuracy(model: Model, batches: Sequence[TaskBatch], heads: Sequence[tuple[int, int]]) -> float:
-    right = total = 0.0
-    device = next(model.parameters()).device
-    for b in batches:
-        with torch.no_grad(), intervene(model, uniform_attention(heads)):
-            logits = model(b.clean.to(device))
-        right += b.accuracy(logits.cpu()) * b.batch_size
-        total += b.batch_size
-    return right / total
-
-
-def masking_validation(model: Model, batches: TaskBatch | Sequence[TaskBatch],
-                       scores: RetrievalScores | Tensor, *, k: int, n_random: int = 3,
-                       seed: int = 0) -> MaskingResult:  # fmt: skip
-    """Mask (uniform attention at every query) the ``k`` top-scoring heads, and ``k`` random
-    heads drawn from the others (from all heads when fewer than ``k`` others), ``n_random``
-    draws; report needle accuracy (top-1 at ``answer_pos``) of each and of the intact model."""
-    _check_model(model)
-    blist = [batches] if isinstance(batches, TaskBatch) else list(batches)
-    if not blist:
-        raise InputError("no batches given for masking validation")
-    grid = scores.scores if isinstance(scores, RetrievalScores) else torch.as_tensor(scores)
-    grid = grid.float()
-    shape = (int(model.cfg.n_layers), int(model.cfg.n_heads))
-    if tuple(grid.shape) != shape:
-        raise InputError(f"scores must be [layer, head] = {shape}, got {tuple(grid.shape)}")
-    n = grid.numel()
-    if not isinstance(k, int) or not 1 <= k <= n:
-        raise InputError(f"k={k} heads: choose 1 <= k <= {n} (the model has {n} heads)")
-    order = torch.argsort(-grid.flatten(), stable=True).tolist()
-    as_head = [(i // shape[1], i % shape[1]) for i in range(n)]
-    top = [as_head[i] for i in order[:k]]
-    others = [as_head[i] for i in order[k:]] if n - k >= k else as_head
-    rng = random.Random(seed)  # draws: sorted heads, k each
-    draws = [sorted(rng.sample(others, k)) for _ in range(n_random)]
-    return MaskingResult(provenance=Provenance.of(model, {"k": k, "n_random": n_random}, seed=seed),
-                         k=k, top_heads=top, random_heads=draws, baseline=_accuracy(model, blist, []),
-                         top_accuracy=_accuracy(model, blist, top),
-                         random_accuracy=[_accuracy(model, blist, d) for d in draws], scores=grid)  # fmt: skip
 
 
 # -- default run -------------------------------------------------------------------------------
@@ -564,7 +502,7 @@ def _prompt_batch(model: Model, prompts: list[Any], needle: str | list[int]) -> 
 
 def default_run(model: Model, *, prompts: list[Any] | None = None, task: str | None = None,
                 n: int | None = None, seed: int = 0, progress: bool = True,
-                needle: str | list[int] | None = None) -> RetrievalScores:  # fmt: skip
+                needle: str | list[int] | None = None, path: str = "auto") -> RetrievalScores:  # fmt: skip
     """What ``mechscope heads retrieval`` runs.
 
     - ``prompts`` with ``needle`` (text of each prompt the model should reproduce; or id lists
@@ -581,14 +519,14 @@ def default_run(model: Model, *, prompts: list[Any] | None = None, task: str | N
                              "--task retrieval for the built-in haystack")  # fmt: skip
         pairs = _prompt_batch(model, prompts, needle)
         return retrieval_scores(model, [b for b, _ in pairs], needle_spans=[[s] for _, s in pairs],
-                                progress=progress)  # fmt: skip
+                                path=path, progress=progress)  # fmt: skip
     if task not in (None, "retrieval", "text_retrieval", "retrieval_text"):
         raise InputError(f"task {task!r} has no needle; use --task retrieval (or retrieval_text)")
     if n is not None and n < 1:
         raise InputError(f"n must be >= 1, got {n}")
     if (tok := getattr(model, "tokenizer", None)) is not None:
         return retrieval_grid_scores(model, tok, [256, 512], [0.1, 0.5, 0.9], n=n or 1, seed=seed,
-                                     progress=progress)  # fmt: skip
+                                     path=path, progress=progress)  # fmt: skip
     from mechscope.tasks import retrieval
 
     vocab, length = _zoo_vocab(model)
@@ -596,4 +534,12 @@ def default_run(model: Model, *, prompts: list[Any] | None = None, task: str | N
     per = max(1, (n or 66) // len(depths))
     batches = [retrieval(per, context_len=length, depth=d, seed=seed + i, vocab=vocab,
                          n_ctx=int(model.cfg.n_ctx)) for i, d in enumerate(depths)]  # fmt: skip
-    return retrieval_scores(model, batches, progress=progress)
+    return retrieval_scores(model, batches, path=path, progress=progress)
+
+
+def __getattr__(name: str) -> Any:  # masking validation lives in .retrieval_masking now
+    if name in ("MaskingResult", "masking_validation"):
+        from mechscope.circuits import retrieval_masking
+
+        return getattr(retrieval_masking, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

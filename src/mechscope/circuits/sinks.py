@@ -26,8 +26,8 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -38,12 +38,15 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechscope.circuits.attention import causal_mask, pattern_interventions
+from mechscope.circuits.attn_path import choose_path, layer_stats
+from mechscope.circuits.massive import Massive, massive_dims
 from mechscope.errors import InputError
 from mechscope.figures import layer_head_heatmap, token_layer_heatmap
+from mechscope.kernels import act_mean
 from mechscope.models.loading import spec_of
 from mechscope.models.zoo.data import EVAL_BATCHES
 from mechscope.models.zoo.recipes import RECIPES
-from mechscope.probes import Tracer, intervene
+from mechscope.probes import intervene
 from mechscope.probes.interventions import Intervention
 from mechscope.probes.tokens import Prompts, tokenize
 from mechscope.results import Provenance, Result
@@ -124,6 +127,14 @@ def act_key_scores(pattern: Float[Tensor, "batch head query key"], lengths: Tens
     return scores * ((counts >= need[:, None]) & valid_k)[:, None].to(dev)
 
 
+def _key_scores(received: Tensor, lengths: Tensor, causal: bool, min_queries: int) -> Tensor:
+    """:func:`act_key_scores` from the attention each key receives (``[batch, head, key]``)."""
+    j = torch.arange(received.shape[-1])[None, :]
+    counts = torch.where(j < lengths[:, None], lengths[:, None] - j * int(causal), 0)
+    keep = counts >= lengths.clamp(max=max(1, int(min_queries)))[:, None]
+    return act_mean(received, lengths, causal=causal) * keep[:, None]
+
+
 def sink_mask(key_scores: Float[Tensor, "*batch key"], threshold: float = 0.1
               ) -> Bool[Tensor, "*batch key"]:  # fmt: skip
     """Sinks: keys whose ACT score exceeds ``threshold`` (0.1).
@@ -165,37 +176,6 @@ def calibrate(pattern: Float[Tensor, "batch head query key"], sinks: Tensor, bet
     total = rest.sum(-1, keepdim=True)
     new = p * (1.0 - (1.0 - beta) * cal) + freed * rest / total.clamp(min=torch.finfo(p.dtype).tiny)
     return torch.where(total > 0, new, p).to(pattern.dtype)
-
-
-class Massive(NamedTuple):
-    """``dims`` (sorted) over the threshold on some token; ``tokens`` ``[batch, pos]`` carrying
-    one; ``peak`` ``[batch, pos]`` the largest normalised value of each token."""
-
-    dims: Tensor
-    tokens: Tensor
-    peak: Tensor
-
-
-def massive_dims(resid: Float[Tensor, "batch pos d_model"], threshold: float = 20.0,
-                 lengths: Tensor | None = None, eps: float = 1e-6) -> Massive:  # fmt: skip
-    """VAR's criterion ``|h_d| / rms(h) > threshold`` (RMS-normalised, no norm weight).
-
-    >>> h = torch.ones(1, 3, 1024); h[0, 0, 7] = 400.0
-    >>> m = massive_dims(h)
-    >>> m.dims.tolist(), m.tokens.tolist()
-    ([7], [[True, False, False]])
-    """
-    threshold = _check_threshold(threshold, "massive_threshold")
-    if resid.ndim != 3:
-        raise InputError(f"resid must be [batch, pos, d_model], got {tuple(resid.shape)}")
-    x = resid.float()
-    normed = (x / x.pow(2).mean(-1, keepdim=True).add(eps).sqrt()).abs()
-    if lengths is not None:
-        real = torch.arange(x.shape[1])[None, :] < torch.as_tensor(lengths)[:, None]
-        normed = normed * real[..., None].to(normed.device)
-    over = normed > threshold  # [batch, pos, d_model]
-    dims = over.flatten(0, 1).any(0).nonzero()[:, 0].cpu()
-    return Massive(dims=dims, tokens=over.any(-1).cpu(), peak=normed.amax(-1).cpu())
 
 
 def _token_strs(model: Model, ids: Sequence[int]) -> list[str]:
@@ -242,6 +222,7 @@ class AttentionSinks(Result):
     causal: bool
     threshold: float
     massive_threshold: float
+    attention_path: dict[str, str] = field(default_factory=dict)
 
     def to_frame(self) -> pd.DataFrame:
         n_layers, n_heads = self.scores.shape
@@ -269,7 +250,8 @@ class AttentionSinks(Result):
                 "sinks": self.sinks, "hidden": self.hidden,
                 "massive": [{**m, "positions": {str(k): v for k, v in m["positions"].items()}}
                             for m in self.massive],
-                "first_share": _nan_list(self.first_share), "causal": self.causal}  # fmt: skip
+                "first_share": _nan_list(self.first_share), "causal": self.causal,
+                "attention_path": self.attention_path}  # fmt: skip
 
 
 def _batch_size(model: Model, width: int) -> int:
@@ -278,19 +260,24 @@ def _batch_size(model: Model, width: int) -> int:
 
 
 def find_sinks(model: Model, prompts: Prompts, *, threshold: float = 0.1,
-               massive_threshold: float = 20.0, min_queries: int = 8,
-               min_frequency: float = 0.01, progress: bool = True) -> AttentionSinks:  # fmt: skip
+               massive_threshold: float = 20.0, min_queries: int = 8, min_frequency: float = 0.01,
+               path: str = "auto", progress: bool = True) -> AttentionSinks:  # fmt: skip
     """ACT sinks of every head and VAR massive dimensions of the residual stream over ``prompts``.
 
     ``prompts``: text, token ids or a TaskBatch (its clean rows). ``threshold``: ACT's;
     ``massive_threshold``: VAR's (:func:`massive_dims`); ``min_queries``: keys seen by fewer real
     queries are not scored (module docstring); ``min_frequency``: a position > 0 is listed in
     ``sinks`` when a sink of at least this fraction of prompt x layer x head (``hidden`` counts all).
+    ``path``: how attention is read (:mod:`mechscope.circuits.attn_path`): ``"auto"`` takes the
+    statistics path (no ``[query, key]`` tensor) when the patterns would exceed the memory budget;
+    the result's ``attention_path`` says which ran and why.
     """
-    _require_patterns(model)
     threshold = _check_threshold(threshold)
     _check_threshold(massive_threshold, "massive_threshold")
     tokens, lengths = tokenize(model, prompts)
+    choice = choose_path(model, lengths, path)
+    if choice.path == "patterns":
+        _require_patterns(model)
     first_tokens = _token_strs(model, tokens[0, : int(lengths[0])].tolist())
     order = lengths.argsort(descending=True, stable=True)  # batch prompts of similar length
     tokens, lengths = tokens[order], lengths[order]
@@ -298,48 +285,42 @@ def find_sinks(model: Model, prompts: Prompts, *, threshold: float = 0.1,
     width = tokens.shape[1]
     key_sum, sink_sum = torch.zeros(2, n_layers, n_heads, width)
     absorbed, first = torch.zeros(2, n_layers, n_heads)
-    have = torch.zeros(width)  # prompts that have each position
+    have = (torch.arange(width)[None, :] < lengths[:, None]).sum(0).float()  # prompts per position
     massive: list[dict[str, Any]] = [{"layer": i, "dims": set(), "positions": Counter(),
                                       "tokens": Counter(), "peak": 0.0} for i in range(n_layers)]  # fmt: skip
     sink_pos: set[int] = set()
-    all_strs: list[list[str]] = []
+    all_strs = [_token_strs(model, row[: int(m)].tolist()) for row, m in zip(tokens, lengths, strict=True)]
     hidden: Counter[str] = Counter()
     causal_seen: bool | None = None
-    bs = _batch_size(model, width)
-    starts = range(0, tokens.shape[0], bs)
-    with Tracer(model, sites=("patterns", "resid_pre")) as tracer:
-        for s in tqdm(starts, desc="sinks", unit="batch", disable=not progress, leave=False):
-            lens = lengths[s : s + bs]
-            n = int(lens.max())
-            ids = tokens[s : s + bs, :n]
-            _, tr = tracer.forward(ids, lens)
-            strs = [_token_strs(model, ids[i, :m].tolist()) for i, m in enumerate(lens.tolist())]
-            have[:n] += (torch.arange(n)[None, :] < lens[:, None]).sum(0)
-            for layer in range(n_layers):
-                pat = tr.pattern(layer).float()  # [batch, head, query, key]
-                if causal_seen is None:
-                    causal_seen = is_causal(pat)
-                ks = act_key_scores(pat, lens, causal=causal_seen, min_queries=min_queries)
-                mask = sink_mask(ks, threshold)  # [batch, head, key]
-                key_sum[layer, :, :n] += ks.sum(0)
-                sink_sum[layer, :, :n] += mask.float().sum(0)
-                q0 = int(causal_seen)  # query 0 of a causal model sees only key 0
-                real_q = (torch.arange(q0, n) < lens[:, None]).float()[:, None]  # [b, 1, q]
-                share = (pat[:, :, q0:, :] * mask[:, :, None, :]).sum(-1)  # [b, head, q]
-                for acc, x in ((absorbed, share), (first, pat[:, :, q0:, 0])):
-                    acc[layer] += ((x * real_q).sum(-1) / real_q.sum(-1).clamp(min=1)).sum(0)
-                for bi, _, j in mask.nonzero().tolist():
-                    sink_pos.add(j)
-                    if j > 0:
-                        hidden[strs[bi][j]] += 1
-                mas = massive_dims(tr.resid_pre(layer), massive_threshold, lens)
-                rec = massive[layer]
-                rec["dims"].update(mas.dims.tolist())
-                rec["peak"] = max(rec["peak"], float(mas.peak.max()))
-                for bi, j in mas.tokens.nonzero().tolist():
-                    rec["positions"][j] += 1
-                    rec["tokens"][strs[bi][j]] += 1
-            all_strs += strs
+    for ls in layer_stats(model, tokens, lengths, choice, resid=True, progress=progress, desc="sinks",
+                          batch_size=_batch_size(model, width)):  # fmt: skip
+        layer, lens, n = ls.layer, ls.lengths, int(ls.lengths.max())
+        strs = [all_strs[int(r)] for r in ls.rows]
+        if causal_seen is None:
+            causal_seen = ls.causal
+        received = ls.stats.received.float().cpu()  # [batch, head, key]: attention each key gets
+        ks = _key_scores(received, lens, causal_seen, min_queries)
+        mask = sink_mask(ks, threshold)  # [batch, head, key]
+        key_sum[layer, :, :n] += ks.sum(0)
+        sink_sum[layer, :, :n] += mask.float().sum(0)
+        q0 = int(causal_seen)  # query 0 of a causal model sees only key 0: its row is left out
+        later = received.clone()
+        later[..., 0] -= q0
+        n_q = (lens - q0).clamp(min=1).float()[:, None]  # real queries from q0
+        absorbed[layer] += ((later * mask).sum(-1) / n_q).sum(0)
+        first[layer] += (later[..., 0] / n_q).sum(0)
+        for bi, _, j in mask.nonzero().tolist():
+            sink_pos.add(j)
+            if j > 0:
+                hidden[strs[bi][j]] += 1
+        assert ls.resid_pre is not None
+        mas = massive_dims(ls.resid_pre, massive_threshold, lens)
+        rec = massive[layer]
+        rec["dims"].update(mas.dims.tolist())
+        rec["peak"] = max(rec["peak"], float(mas.peak.max()))
+        for bi, j in mas.tokens.nonzero().tolist():
+            rec["positions"][j] += 1
+            rec["tokens"][strs[bi][j]] += 1
     n_prompts = tokens.shape[0]
     per_pos = have.clamp(min=1)
     key_mean = (key_sum / per_pos).masked_fill(have == 0, float("nan"))
@@ -360,13 +341,15 @@ def find_sinks(model: Model, prompts: Prompts, *, threshold: float = 0.1,
         rec["positions"] = dict(sorted(rec["positions"].items()))
         rec["tokens"] = dict(rec["tokens"].most_common(10))
     config = {"threshold": threshold, "massive_threshold": massive_threshold,
-              "min_queries": min_queries, "min_frequency": min_frequency, "n_prompts": n_prompts}  # fmt: skip
+              "min_queries": min_queries, "min_frequency": min_frequency, "n_prompts": n_prompts,
+              "path": path}  # fmt: skip
     return AttentionSinks(
         provenance=Provenance.of(model, config), scores=scores, key_scores=key_mean,
         sink_freq=freq, first_share=first_share, heads=heads, sinks=sinks,
         hidden=dict(hidden.most_common(20)), massive=massive,
         prompt_tokens=first_tokens, lengths=lengths[order.argsort()].tolist(),
         causal=bool(causal_seen), threshold=threshold, massive_threshold=float(massive_threshold),
+        attention_path=choice.as_dict(),
     )  # fmt: skip
 
 
@@ -586,14 +569,15 @@ def default_prompts(model: Model, *, task: str | None = None, n: int | None = No
 
 
 def default_run(model: Model, *, prompts: list[Any] | None = None, task: str | None = None,
-                n: int | None = None, seed: int = 0, progress: bool = True) -> AttentionSinks:  # fmt: skip
+                n: int | None = None, seed: int = 0, path: str = "auto", progress: bool = True
+                ) -> AttentionSinks:  # fmt: skip
     """The CLI verb ``mechscope heads sinks``: :func:`find_sinks` over ``prompts``, a task, or the
     model's defaults (:func:`default_prompts`)."""
     _require_patterns(model)
     if prompts:
-        return find_sinks(model, prompts, progress=progress)
+        return find_sinks(model, prompts, path=path, progress=progress)
     items = default_prompts(model, task=task, n=n, seed=seed)
     if items and isinstance(items[0], TaskBatch):
         items = [row[: int(m)].tolist() for b in items
                  for row, m in zip(b.clean, b.real_lengths, strict=True)]  # fmt: skip
-    return find_sinks(model, items, progress=progress)
+    return find_sinks(model, items, path=path, progress=progress)
