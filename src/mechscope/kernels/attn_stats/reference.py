@@ -17,9 +17,12 @@ padding). Queries ``i >= lengths[b]`` are padding and contribute nothing (``lse 
     top_idx, top_weight      [batch, head, selected, k]  top-k keys by weight, descending
 
 The queries are processed in blocks of ``block`` rows: one block's scores ``[batch, head, block,
-keys it can see]`` (fp32) and their exponentials, in two buffers allocated once and reused by
-every block (so the allocator cannot fragment), are the largest tensors alive: memory is
-O(block * T), never O(T^2).
+keys it can see]`` (fp32), turned into their exponentials in place, in one buffer allocated once
+and reused by every block (so the allocator cannot fragment), are the largest tensor alive: memory
+is O(block * T), never O(T^2). Only three passes touch the block elementwise (the row max, the
+exponential, the row sum); the two reductions that need the weights are matrix products:
+``sum_j e_ij s_ij = q_i . (sum_j e_ij k_j)`` for the entropy and ``sum_i e_ij / den_i`` for the
+received attention.
 Scores are computed in fp32 whatever the input dtype, and the softmax of each row is exact (its
 whole row is in the block). Grouped-query attention folds the group into the rows of the block
 (``[batch, kv_head, group * block, d_head]`` against ``[batch, kv_head, d_head, keys]``), so ``k``
@@ -142,47 +145,55 @@ def attention_stats(
     dev = q.device
     block = min(block or default_block(n_batch, n_head, n_pos), n_pos)
     neg = float("-inf")
-    kt = k.float().reshape(n_batch * n_kv, n_pos, d).transpose(1, 2)  # [batch*kv, d, pos]: O(T d)
+    qs = q.float() * scale  # the scale folded into the queries: O(T d)
+    kf = k.float().reshape(n_batch * n_kv, n_pos, d)  # [batch*kv, pos, d]
+    kt = kf.transpose(1, 2)  # [batch*kv, d, pos]
     lse = torch.full((n_batch, n_head, n_pos), neg, device=dev)
     entropy = torch.zeros(n_batch, n_head, n_pos, device=dev)
     received = torch.zeros(n_batch, n_head, n_pos, device=dev)
     mass = torch.zeros(n_batch, n_head, n_pos, segments.shape[0], device=dev)
     spans = [(int(a), int(b)) for a, b in segments.tolist()]
     keys = torch.arange(n_pos, device=dev)
+    padded = bool((lengths < n_pos).any())
     key_pad = (keys >= lengths[:, None])[:, None, None, :]  # [batch, 1, 1, pos]
     above = torch.ones(block, block, dtype=torch.bool, device=dev).triu_(1)  # key > query
-    # the two block buffers (scores, their exponentials), allocated once and reused by every block
-    buf_s = torch.empty(n_batch * n_head * block * n_pos, device=dev)
-    buf_e = torch.empty_like(buf_s)
+    # one block buffer (the scores, then in place their exponentials), allocated once and reused
+    # by every block (so the allocator cannot fragment)
+    buf = torch.empty(n_batch * n_head * block * n_pos, device=dev)
     for start in range(0, n_pos, block):
         end = min(start + block, n_pos)
         blk = end - start
         kend = end if causal else n_pos  # the keys this block can see
         n = n_batch * n_head * blk * kend
-        qb = q[:, :, start:end].float().reshape(n_batch * n_kv, group * blk, d)
-        s = torch.bmm(qb, kt[..., :kend], out=buf_s[:n].view(n_batch * n_kv, group * blk, kend))
-        s = s.view(n_batch, n_head, blk, kend).mul_(scale)  # [batch, head, blk, kend]
-        s.masked_fill_(key_pad[..., :kend], neg)
+        qb = qs[:, :, start:end].reshape(n_batch * n_kv, group * blk, d)
+        s = torch.bmm(qb, kt[..., :kend], out=buf[:n].view(n_batch * n_kv, group * blk, kend))
+        s = s.view(n_batch, n_head, blk, kend)  # scaled scores [batch, head, blk, kend]
+        if padded:
+            s.masked_fill_(key_pad[..., :kend], neg)
         if causal:
             s[..., start:end].masked_fill_(above[:blk, :blk], neg)  # keys before start: all seen
         m = s.amax(dim=-1, keepdim=True)  # [batch, head, blk, 1]
         m = torch.where(torch.isfinite(m), m, 0.0)
-        x = s.sub_(m)  # s - m <= 0, -inf where hidden
-        e = torch.exp(x, out=buf_e[:n].view(n_batch, n_head, blk, kend))
-        e.masked_fill_((keys[start:end] >= lengths[:, None])[:, None, :, None], 0.0)  # padded q
+        e = s.sub_(m).exp_()  # exp(s - m) in place; 0 where hidden
+        if padded:
+            e.masked_fill_((keys[start:end] >= lengths[:, None])[:, None, :, None], 0.0)
         den = e.sum(dim=-1)  # [batch, head, blk]
-        # sum_j e_j (s_j - m) = den * (log den - entropy); -inf * 0 = nan where hidden: 0
-        ex = x.mul_(e).nan_to_num_(nan=0.0).sum(dim=-1)
         seen = den > 0
-        l_safe = torch.where(seen, den, 1.0)
+        inv = torch.where(seen, 1.0 / torch.where(seen, den, 1.0), 0.0)
+        # sum_j e_j s_j = q_i . (sum_j e_j k_j): one matmul instead of a pass over the block
+        e3 = e.view(n_batch * n_kv, group * blk, kend)
+        es = (torch.bmm(e3, kf[:, :kend]) * qb).sum(-1).view(n_batch, n_head, blk)
+        # entropy = log den - sum_j p_j (s_j - m)
         lse[:, :, start:end] = m[..., 0] + torch.log(den)
-        entropy[:, :, start:end] = torch.where(seen, torch.log(l_safe) - ex / l_safe, 0.0)
-        p = e.div_(l_safe[..., None])  # the attention weights of the block's rows
-        received[:, :, :kend] += p.sum(dim=-2)
+        entropy[:, :, start:end] = torch.where(seen, torch.log(torch.where(seen, den, 1.0))
+                                               - (es * inv - m[..., 0]), 0.0)  # fmt: skip
+        # the attention each key gets from the block's rows: sum_i e_ij / den_i, a matmul
+        e2 = e.reshape(n_batch * n_head, blk, kend)
+        received[:, :, :kend] += torch.bmm(inv.reshape(-1, 1, blk), e2).view(n_batch, n_head, kend)
         for i, (a, b) in enumerate(spans):
             if a < kend:
-                mass[:, :, start:end, i] = p[..., a : min(b, kend)].sum(dim=-1)
-    del buf_s, buf_e
+                mass[:, :, start:end, i] = e[..., a : min(b, kend)].sum(dim=-1) * inv
+    del buf
     amax, max_w, top_i, top_w = selected_rows(q, k, scale, lengths, causal, queries, top_k)
     return AttnStats(lse, entropy, received, mass, amax, max_w, top_i, top_w)
 
