@@ -59,6 +59,23 @@ def test_human_output_lists_top_heads(capsys):
     assert "top 3 heads" in out and out.count("\n  L") >= 3 and "sink positions" in out
 
 
+def test_path_option_says_which_path_ran_and_both_give_the_same_numbers(cli, capsys):
+    by = {p: cli.json("heads", "sinks", ZOO, "--n", "4", "--path", p, "--json")
+          for p in ("patterns", "stats")}  # fmt: skip
+    assert by["patterns"]["attention_path"]["path"] == "patterns"
+    assert by["stats"]["attention_path"]["path"] == "stats"
+    assert torch.allclose(torch.tensor(by["patterns"]["scores"]), torch.tensor(by["stats"]["scores"]),
+                          atol=1e-6)  # fmt: skip
+    ret = {p: cli.json("heads", "retrieval", ZOO, "--n", "11", "--path", p, "--json")
+           for p in ("patterns", "stats")}  # fmt: skip
+    assert ret["stats"]["attention_path"]["path"] == "stats" and ret["stats"]["path"] == "engine"
+    assert ret["patterns"]["scores"] == ret["stats"]["scores"]
+    from mechscope.cli import main
+
+    main(["heads", "sinks", ZOO, "--n", "4", "--path", "stats"])
+    assert "attention path: stats (path='stats'" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "argv, words",
     [
@@ -77,6 +94,8 @@ def test_human_output_lists_top_heads(capsys):
         (["heads", "sinks", ZOO, "--tokens", ""], "at least one token"),
         (["heads", "sinks", ZOO, "--task", "ioi"], "unknown task"),
         (["heads", "sinks", "no-such-model"], "unknown model spec"),
+        (["heads", "sinks", ZOO, "--path", "fast"], "unknown attention path 'fast'"),
+        (["heads", "retrieval", ZOO, "--path", "eager"], "unknown attention path 'eager'"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(cli, argv, words):
