@@ -53,7 +53,7 @@ PathOpt = Annotated[
     str,
     typer.Option(
         "--path",
-        help="How attention is read: auto (statistics without the [query, key] patterns when "
+        help="How attention is read: auto (statistics without the query-by-key patterns when "
         "they would exceed the memory budget, $MECHSCOPE_MAX_BYTES), patterns, or stats.",
     ),
 ]
