@@ -46,6 +46,34 @@ def test_smollm2_sinks_by_both_paths_agree(smollm2):
     assert a.sinks == b.sinks and a.heads == b.heads
 
 
+def test_smollm2_kernel_statistics_equal_the_eager_patterns(smollm2):
+    from mechscope.circuits.attn_path import layer_stats
+    from mechscope.probes.tokens import tokenize
+
+    tokens, lengths = tokenize(smollm2, [_text(smollm2.tokenizer, 120), "The capital of France is"])
+    kw = {"queries": [-1], "top_k": 5, "segments": [(0, 1), (2, 5)], "batch_size": 2}
+    pat = {(ls.layer, int(r)): (ls.stats, i) for ls in layer_stats(
+        smollm2, tokens, lengths, choose_path(smollm2, lengths, "patterns"), **kw)
+        for i, r in enumerate(ls.rows)}  # fmt: skip
+    for ls in layer_stats(smollm2, tokens, lengths, choose_path(smollm2, lengths, "stats"), **kw):
+        ref, i = pat[(ls.layer, int(ls.rows[0]))]
+        n, st = int(ls.lengths[0]), ls.stats
+        assert torch.allclose(st.received[0, :, :n], ref.received[i, :, :n], atol=2e-4)
+        assert torch.allclose(st.entropy[0, :, :n], ref.entropy[i, :, :n], atol=2e-4)
+        assert torch.allclose(st.segment_mass[0, :, :n], ref.segment_mass[i, :, :n], atol=1e-4)
+        assert torch.allclose(st.top_weight[0], ref.top_weight[i], atol=1e-4)
+        clear = ref.top_weight[i, :, :, 0] - ref.top_weight[i, :, :, 1] > 1e-3
+        assert torch.equal(st.argmax[0][clear], ref.argmax[i][clear])
+
+
+def test_minilm_is_refused_by_the_stats_path_with_why(minilm):
+    from mechscope.errors import InputError
+
+    with pytest.raises(InputError, match="does not know this model's attention"):
+        choose_path(minilm, [10], "stats")
+    assert choose_path(minilm, [10]).path == "patterns"
+
+
 def test_cli_sinks_on_a_long_prompt_takes_the_stats_path_with_little_memory(smollm2, tmp_path):
     """2,048 tokens: the patterns would be 4.5 GiB (over the 4 GiB default budget), so the verb
     takes the statistics path; the child's peak RSS stays far below (measured: about 1.2 GB;

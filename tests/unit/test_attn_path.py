@@ -119,6 +119,15 @@ def test_a_model_the_stats_path_does_not_know_is_refused_by_name(monkeypatch):
     assert choose_path(model, [40]).path == "patterns"  # under the budget: patterns still work
 
 
+def test_a_soft_capped_model_keeps_the_pattern_path_and_stats_are_refused_with_why():
+    model = load("native:n_layers=2,d_model=16,n_heads=4,d_head=8,d_mlp=32,d_vocab=50,n_ctx=64,"
+                 "attn_scores_soft_cap=30.0")  # fmt: skip
+    with pytest.raises(InputError, match="attention-score soft cap; use path='patterns'"):
+        find_sinks(model, _prompts(model, [20]), path="stats", progress=False)
+    res = find_sinks(model, _prompts(model, [20]), progress=False)
+    assert res.attention_path["path"] == "patterns"
+
+
 def test_the_stats_forward_refuses_empty_and_too_long_prompts():
     model = load(GQA)
     fwd = StatsForward(model)
