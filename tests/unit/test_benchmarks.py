@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -39,6 +41,25 @@ def test_heads_benchmark_quick_mode_runs() -> None:
     assert all(r["gate"] == "pass" for r in rows), rows
     assert by_case["zoo:retrieval:retrieval"]["same_generations"]
     assert by_case["zoo:retrieval:retrieval"]["answered"] > 0
+
+
+@pytest.mark.real
+def test_attn_stats_benchmark_quick_mode_runs() -> None:
+    """benchmarks/attn_stats.py --quick (SmolLM2): find_sinks by the statistics path equals the
+    pattern path at 512 tokens, the raw kernel equals a materialised softmax, and each
+    (path, T) child process reports its own peak RSS, growth and time at 128 and 256 tokens."""
+    rows = _quick_rows("attn_stats.py")
+    gate = next(r for r in rows if r["case"] == "gate")
+    assert gate["gate"] == "pass" and gate["paths"] == ["patterns", "stats"], gate
+    assert max(gate["max_abs_err"].values()) <= 1e-4
+    assert next(r for r in rows if r["case"] == "kernel")["gate"] == "pass"
+    sinks = {(r["path"], r["T"]): r for r in rows if r["case"] == "sinks"}
+    assert set(sinks) == {(p, t) for p in ("patterns", "stats") for t in (128, 256)}, rows
+    for (path, _), r in sinks.items():
+        assert r["path_taken"] == path and r["seconds"] > 0 and r["peak_rss_mb"] > 0
+        assert r["growth_mb"] >= 0 and r["R"] == 1
+    cases = {r["case"] for r in rows}
+    assert {"summary_memory", "summary_time", "summary_scaling"} <= cases
 
 
 def test_circuits_benchmark_quick_mode_runs() -> None:
