@@ -189,14 +189,16 @@ class StatsForward:
 
     def steps(self, tokens: Tensor, *, stats: bool = True, queries: Sequence[int] | None = None,
               top_k: int = 1, segments: Sequence[tuple[int, int]] | None = None,
-              keep_cache: bool = False, last_pattern: bool = False
+              keep_cache: bool = False, last_pattern: bool = False,
+              cache_out: tuple[Tensor, Tensor] | None = None
               ) -> Generator[tuple[int, AttnStats | None, Tensor], None, Forward]:  # fmt: skip
         """Run one prompt ``tokens [pos]`` (no padding), yielding at each layer ``(layer, stats,
         resid_pre)``: that layer's :class:`~mechscope.kernels.AttnStats` (None with
         ``stats=False``) and its block input ``[1, pos, d_model]``. Nothing of a layer is kept
         after the next one starts unless asked (``keep_cache``: keys and values;
-        ``last_pattern``: the last query's attention row). Returns (as the generator's value)
-        the :class:`Forward`.
+        ``last_pattern``: the last query's attention row; ``cache_out``: ``(k, v)`` buffers
+        ``[layer, pos, kv_head, d_head]`` the keys and values are written into, e.g. one row of
+        a batch's cache). Returns (as the generator's value) the :class:`Forward`.
         """
         eng = self.engine
         ids = torch.as_tensor(tokens).reshape(-1).long()
@@ -210,8 +212,10 @@ class StatsForward:
         device = eng.head.weight.device
         pos = torch.arange(n, device=device)
         H, kvh, dh = eng.n_heads, eng.n_kv, eng.d_head
-        ks: list[Tensor] = []
-        vs: list[Tensor] = []
+        if keep_cache and cache_out is None:
+            shape = (len(eng.layers), n, kvh, dh)
+            cache_out = (torch.empty(shape, dtype=eng.dtype, device=device),
+                         torch.empty(shape, dtype=eng.dtype, device=device))  # fmt: skip
         rows: list[Tensor] = []
         with torch.no_grad():
             x = eng.embed(ids[None].to(device), pos[None])[0]  # [pos, d_model]
@@ -234,15 +238,15 @@ class StatsForward:
                     kr = kb.repeat_interleave(H // kvh, dim=1) if kvh != H else kb
                     s = torch.einsum("bhd,bhkd->bhk", qb[:, :, -1].float(), kr.float()) * ly.scale
                     rows.append(torch.softmax(s, dim=-1).to(q.dtype))
-                if keep_cache:
-                    ks.append(k[None])
-                    vs.append(v[None])
+                if cache_out is not None:
+                    cache_out[0][layer] = k
+                    cache_out[1][layer] = v
                 del q, k, qb, kb
                 a = ly.o(z[0].transpose(0, 1).reshape(n, H * dh))
                 mid = x + a
                 x = mid if ly.mlp is None or ly.ln2 is None else mid + ly.mlp(ly.ln2(mid))
-        return Forward(resid=x, k=torch.stack(ks) if keep_cache else None,
-                       v=torch.stack(vs) if keep_cache else None,
+        return Forward(resid=x, k=cache_out[0][:, None] if cache_out is not None else None,
+                       v=cache_out[1][:, None] if cache_out is not None else None,
                        last_pattern=torch.stack(rows) if last_pattern else None)  # fmt: skip
 
     def prefill(self, tokens: Tensor) -> tuple[Any, Tensor, Tensor]:
@@ -254,9 +258,12 @@ class StatsForward:
         head, key]``."""
         from mechscope.attribution.engine import RunCache
 
-        outs = [self.run(row, stats=False, keep_cache=True, last_pattern=True) for row in tokens]
-        k = torch.cat([o.k for o in outs if o.k is not None], dim=1)
-        v = torch.cat([o.v for o in outs if o.v is not None], dim=1)
+        eng = self.engine
+        shape = (len(eng.layers), len(tokens), tokens.shape[1], eng.n_kv, eng.d_head)
+        dev = eng.head.weight.device
+        k, v = torch.empty(shape, dtype=eng.dtype, device=dev), torch.empty(shape, dtype=eng.dtype, device=dev)
+        outs = [self.run(row, stats=False, last_pattern=True, cache_out=(k[:, r], v[:, r]))
+                for r, row in enumerate(tokens)]  # the keys and values written in place
         pat = torch.cat([o.last_pattern for o in outs if o.last_pattern is not None], dim=1)
         return RunCache(acts={}, k=k, v=v), torch.stack([o.resid[-1:] for o in outs]), pat
 
