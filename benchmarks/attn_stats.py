@@ -13,7 +13,7 @@ speed"):
   T``): the child loads the model, builds the prompt, warms the path up on 16 tokens (which
   pages the weights in), resets the peak-RSS high-water mark (``/proc/self/clear_refs``), then
   runs the work once. It reports the absolute peak RSS during the work (``VmHWM`` after the
-  reset; ``ru_maxrss`` beside it, which can keep an earlier peak: see :func:`_reset_peak`), its
+  reset; ``ru_maxrss`` beside it, which can keep an earlier peak: see :func:`_common.reset_peak`), its
   growth over the RSS before the work (model loaded, prompt built, path warm), and the work's
   wall time. R repetitions alternate the two paths; medians. The pattern case is skipped (and
   says why) when its patterns (``attn_path.pattern_bytes``) exceed ``--max-pattern-gib``.
@@ -27,7 +27,7 @@ Then summary lines: pattern/stats peak growth at 2,048 (target >= 10x), stats/pa
 2,048 (target <= 1.5x), and growth(8192)/growth(2048) of the stats path (4 for linear memory, 16
 for quadratic).
 
-    python benchmarks/attn_stats.py            # SmolLM2, 512/2048/8192 tokens (~10-15 min on 2 cores)
+    python benchmarks/attn_stats.py            # SmolLM2, 512/2048/8192 tokens (~4.5 min on an idle 2-core machine)
     python benchmarks/attn_stats.py --quick    # SmolLM2, 128/256 tokens, R=1, the gate (< 60 s)
 """
 
@@ -42,11 +42,12 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from _common import reset_peak, vm
 
 SPEC = "smollm2"
 TOL = 1e-4
@@ -77,32 +78,10 @@ def prompt(model, n_tokens: int, seed: int = 0) -> torch.Tensor:
     return ids
 
 
-def _vm(field: str) -> float:
-    """A ``/proc/self/status`` memory field in MiB (0 where /proc is missing)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
 def _maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def _reset_peak() -> bool:
-    """Reset the RSS high-water mark (Linux: ``VmHWM``). ``ru_maxrss`` is not a clean measure in
-    the child: it is also the maximum of a per-process figure this reset does not clear, which
-    the kernel sets at ``exec`` from the forked image (the parent's RSS when it spawned the
-    child: ~1.8 GiB here, more than a stats case's own peak) and when a thread exits. So the
-    case's own peak is read from ``VmHWM``; ``ru_maxrss`` is reported beside it."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
 
 
 # -- the child: one (path, T) --------------------------------------------------------------------
@@ -115,18 +94,18 @@ def child(path: str, n_tokens: int) -> None:
     torch.set_grad_enabled(False)
     model = load(SPEC)
     ids = prompt(model, n_tokens)
-    after_load = _vm("VmRSS")
+    after_load = vm("VmRSS")
     # warm-up: the first forward pages the weights in (~420 MiB on SmolLM2) and sets up the path
     find_sinks(model, prompt(model, 16, seed=1), path=path, progress=False)
     load_peak = _maxrss_mb()
     gc.collect()
-    reset = _reset_peak()
-    base = _vm("VmRSS") or _maxrss_mb()
+    reset = reset_peak()
+    base = vm("VmRSS") or _maxrss_mb()
     t0 = time.perf_counter()
     res = find_sinks(model, ids, path=path, progress=False)
     seconds = time.perf_counter() - t0
     maxrss = _maxrss_mb()
-    peak = _vm("VmHWM") if reset else maxrss
+    peak = vm("VmHWM") if reset else maxrss
     emit({"path": path, "T": n_tokens, "peak_rss_mb": round(peak, 1),
           "growth_mb": round(peak - base, 1), "rss_after_load_mb": round(after_load, 1),
           "rss_before_work_mb": round(base, 1),

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from _common import reset_peak, vm
+
 WORDS = ("the a of to and in is was for on that with as by at from his her it an were are which "
          "this be or has had not but what all when can who there been one their more if will would "
          "about city river king music science history water light story world house school").split()
@@ -121,38 +123,21 @@ def rss_child(spec: str, n: int, out: str) -> None:
     # Loading peaks above what tracing needs, hiding it in ru_maxrss: reset the high-water mark
     # (Linux: writing 5 to clear_refs resets VmHWM) so the peak below is the tracing's own.
     gc.collect()
-    reset = _reset_peak()
-    start_rss = _vm("VmRSS")
+    reset = reset_peak()
+    start_rss = vm("VmRSS")
     texts = prompts(n) if model.tokenizer is not None else torch.randint(
         1, int(model.cfg.d_vocab), (n, 12), generator=torch.Generator().manual_seed(0))
     t0 = time.perf_counter()
     with Tracer(model, sites=("heads", "ffn"), positions=(-1,), dtype="float16",
                 batch_size=16) as tracer:
         tracer.run(texts, out_dir=out, progress=False)
-    peak = _vm("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = vm("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     sys.stdout.write(json.dumps({"load_peak_rss_mib": round(base, 1),
                                  "rss_before_tracing_mib": round(start_rss, 1),
                                  "peak_rss_mib": round(peak, 1), "peak_reset": reset,
                                  "seconds": round(time.perf_counter() - t0, 2)}) + "\n")
 
 
-def _vm(field: str) -> float:
-    """A ``/proc/self/status`` memory field in MiB (0 where /proc is missing)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
 
 
 def stream_rss(spec: str, counts: list[int]) -> None:
