@@ -162,6 +162,18 @@ def test_retrieval_prefill_by_the_stats_path_equals_the_eager_prefill():
         retrieval_scores(zoo, batches, path="stats", engine="hooks", progress=False)
 
 
+def test_retrieval_chooses_the_path_for_its_longest_prompt(monkeypatch):
+    zoo = load("zoo:retrieval")
+    vocab = RetrievalVocab()
+    short, long = (retrieval(2, context_len=n, depth=0.5, seed=4, vocab=vocab, n_distractors=4)
+                   for n in (24, 64))  # fmt: skip
+    between = (pattern_bytes(zoo, short.seq_len) + pattern_bytes(zoo, long.seq_len)) // 2
+    monkeypatch.setenv("MECHSCOPE_MAX_BYTES", str(between))
+    r = retrieval_scores(zoo, [short, long], progress=False)
+    assert r.work["attention_path"]["path"] == "stats"
+    assert str(long.seq_len) in r.work["attention_path"]["why"]
+
+
 def test_stats_prefill_cache_and_last_row_equal_the_engine_prefill():
     model = load(GQA)
     from mechscope.attribution.engine import Engine

@@ -22,8 +22,11 @@ step per token (the bridge's own cache is not exact); every head's argmax in one
 step. Trusted after a gate on the first batch: last-position logits pass ``agrees`` against the
 bridge's, and the last-query argmax attention equals the Tracer's ``patterns`` at every head whose
 top two weights differ by > 1e-5. ``hooks``: a full bridge forward per step, a Tracer capturing
-``patterns`` at the last position. ``work`` says which ran and why. Rows of a batch must have
-equal lengths (every retrieval generator's do).
+``patterns`` at the last position. ``work`` says which ran and why. When the longest prompt's
+patterns would exceed the memory budget, the engine prefills by the statistics path
+(:mod:`~mechscope.circuits.attn_path`: no ``[query, key]`` tensor; its gate compares the first
+256 tokens), as ``work["attention_path"]`` says. Rows of a batch must have equal lengths (every
+retrieval generator's do).
 """
 
 from __future__ import annotations
@@ -227,15 +230,17 @@ def _gate(model: Model, tokens: Tensor, own: Decoded) -> tuple[str | None, dict[
     return None, info
 
 
-def _choose(model: Model, engine: EngineChoice, tokens: Tensor, steps: int, path: str = "auto"
+def _choose(model: Model, engine: EngineChoice, tokens: Tensor, steps: int, path: str = "auto",
+            longest: int | None = None
             ) -> tuple[Engine | None, StatsForward | None, dict[str, Any], Decoded | None]:  # fmt: skip
     """The engine (or None: hooks), its statistics-path prefill (None: eager), why, and the
     engine's decoding of the first batch ``tokens`` that the gate checked (reused). On the
     statistics path the gate compares the first :data:`GATE_TOKENS` tokens (the bridge's eager
-    forward does not fit at full length), and the prefill's attention is checked in the tests."""
+    forward does not fit at full length), and the prefill's attention is checked in the tests.
+    ``longest``: the longest prompt of the run (the path is chosen for it; default: ``tokens``')."""
     if engine not in ("auto", "engine", "hooks"):
         raise InputError(f"engine must be 'auto', 'engine' or 'hooks', got {engine!r}")
-    choice = choose_path(model, [tokens.shape[1]], path)
+    choice = choose_path(model, [longest or tokens.shape[1]], path)
     if engine == "hooks":
         if choice.path == "stats":
             raise InputError(f"engine='hooks' runs the bridge's eager attention, but {choice.why}; "
@@ -398,7 +403,8 @@ def retrieval_scores(model: Model, batches: TaskBatch | Sequence[TaskBatch], *,
     max_steps = max(max_new_tokens or int((p >= 0).sum(1).max()) for p in needles)
     device = next(model.parameters()).device
     first_steps = max_new_tokens or needles[0].shape[1]
-    eng, sf, work, first = _choose(model, engine, blist[0].clean.to(device), first_steps, path)
+    eng, sf, work, first = _choose(model, engine, blist[0].clean.to(device), first_steps, path,
+                                   max(b.seq_len for b in blist))  # fmt: skip
     work["gate_s"] = time.perf_counter() - t0
     per_trial, nlen, gens, nds, cells, sc = [], [], [], [], [], []
     for i, (b, pos) in enumerate(tqdm(list(zip(blist, needles, strict=True)), desc="retrieval",
