@@ -1,6 +1,6 @@
 """Attention sinks and retrieval heads of SmolLM2-135M at its full 8,192-token context.
 
-The pattern path cannot run here: one 8,192-token prompt's attention patterns are ~77 GB
+The pattern path cannot run here: one 8,192-token prompt's attention patterns are ~72 GiB
 (``circuits.attn_path.pattern_bytes``), so both analyses take the statistics path (``path="auto"``:
 a layer-by-layer forward with memory-efficient attention, statistics by
 ``mechscope.kernels.attention_stats``; no ``[query, key]`` tensor).
@@ -22,7 +22,7 @@ retrieval head tables and trials, tensors (``sinks``: scores / first_share per l
 ``retrieval``: scores per length), ``summary`` (the printed numbers); plus the results as runs of
 their own. A failure of one part is recorded (its traceback in ``summary``) and the others still run.
 
-    python experiments/long_context.py --store /tmp/lc            # ~30-60 min on 2 CPU cores
+    python experiments/long_context.py --store /tmp/lc            # ~2.5 min on 2 quiet CPU cores
     python experiments/long_context.py --quick --store /tmp/lc    # --long 1024: a smoke run
 """
 
