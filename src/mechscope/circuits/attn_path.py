@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -48,6 +48,9 @@ from mechscope.errors import InputError
 from mechscope.kernels import AttnStats, attention_stats, stats_from_pattern
 from mechscope.probes import budget
 from mechscope.types import Model
+
+if TYPE_CHECKING:
+    from mechscope.attribution.engine import Engine
 
 __all__ = ["PATHS", "LayerStats", "PathChoice", "StatsForward", "choose_path", "layer_stats",
            "pattern_bytes", "why_no_stats"]  # fmt: skip
@@ -111,7 +114,7 @@ def choose_path(model: Model, lengths: Sequence[int] | Tensor, path: str = "auto
     longest = int(max((int(x) for x in lengths), default=0))
     need = pattern_bytes(model, longest)
     sizes = (f"patterns of {int(model.cfg.n_layers)} layers x {int(model.cfg.n_heads)} heads x "
-             f"{longest}² keys = {_human(need)}")  # fmt: skip
+             f"{longest}² keys = {budget.human(need)}")  # fmt: skip
     no_stats = why_no_stats(model)
     if path == "patterns":
         return PathChoice("patterns", f"path='patterns' ({sizes})")
@@ -120,17 +123,13 @@ def choose_path(model: Model, lengths: Sequence[int] | Tensor, path: str = "auto
             raise InputError(f"path='stats': {no_stats}; use path='patterns' (or 'auto')")
         return PathChoice("stats", f"path='stats' ({sizes} not materialised)")
     if need <= limit:
-        return PathChoice("patterns", f"{sizes} fit the memory budget of {_human(limit)}")
+        return PathChoice("patterns", f"{sizes} fit the memory budget of {budget.human(limit)}")
     if no_stats is not None:
         raise InputError(
-            f"{sizes} exceed the memory budget of {_human(limit)}, and {no_stats}. Shorten the "
+            f"{sizes} exceed the memory budget of {budget.human(limit)}, and {no_stats}. Shorten the "
             f"prompts, or raise the budget ({budget.ENV_VAR}=64G) if the machine has the memory")
-    return PathChoice("stats", f"{sizes} exceed the memory budget of {_human(limit)} "
+    return PathChoice("stats", f"{sizes} exceed the memory budget of {budget.human(limit)} "
                                f"({budget.ENV_VAR}): attention statistics without patterns")  # fmt: skip
-
-
-def _human(n: int) -> str:
-    return budget.human(n)
 
 
 # -- the statistics path's forward ---------------------------------------------------------------
@@ -163,11 +162,13 @@ class StatsForward:
     ([0, 1], (4, 16))
     """
 
-    def __init__(self, model: Model) -> None:
+    def __init__(self, model: Model, engine: Engine | None = None) -> None:
+        """``engine``: the model's :class:`~mechscope.attribution.engine.Engine` when the caller
+        has built it already (else it is built here)."""
         from mechscope.attribution.engine import Engine
 
         why = why_no_stats(model)
-        eng = Engine.of(model) if why is None else None
+        eng = (engine or Engine.of(model)) if why is None else None
         if eng is None or eng._embed is None:
             raise InputError(f"{why or 'the engine cannot embed tokens for this model'}; use the "
                              "pattern path (path='patterns')")  # fmt: skip
@@ -297,11 +298,12 @@ class LayerStats(NamedTuple):
 def layer_stats(model: Model, tokens: Tensor, lengths: Tensor, choice: PathChoice, *,
                 queries: Sequence[int] | None = None, top_k: int = 1,
                 segments: Sequence[tuple[int, int]] | None = None, resid: bool = False,
-                batch_size: int = 8, progress: bool = False, desc: str = "attention"
+                batch_size: int | None = None, progress: bool = False, desc: str = "attention"
                 ) -> Iterator[LayerStats]:  # fmt: skip
     """Attention statistics of every layer over right-padded ``tokens [prompt, pos]`` by the
-    chosen path: groups of ``batch_size`` prompts through a pattern trace, or one prompt at a
-    time through :class:`StatsForward` (only one layer's statistics alive at a time)."""
+    chosen path: groups of ``batch_size`` prompts through a pattern trace (None: as many as keep
+    every layer's patterns within 512 MiB, at most 16), or one prompt at a time through
+    :class:`StatsForward` (only one layer's statistics alive at a time)."""
     from mechscope.circuits.sinks import is_causal
     from mechscope.probes import Tracer
 
@@ -321,7 +323,11 @@ def layer_stats(model: Model, tokens: Tensor, lengths: Tensor, choice: PathChoic
         bar.close()
         return
     sites = ("patterns", "resid_pre") if resid else ("patterns",)
+    if batch_size is None:
+        per = pattern_bytes(model, int(tokens.shape[1])) // (n_layers + 2) * n_layers
+        batch_size = max(1, min(16, (512 << 20) // max(per, 1)))
     starts = range(0, n_rows, batch_size)
+    causal: bool | None = None  # read once, from the first pattern (a model's mask is fixed)
     with Tracer(model, sites=sites) as tracer:
         for s in tqdm(starts, desc=f"{desc} (pattern path)", unit="batch", disable=not progress,
                       leave=False):  # fmt: skip
@@ -330,6 +336,7 @@ def layer_stats(model: Model, tokens: Tensor, lengths: Tensor, choice: PathChoic
             _, tr = tracer.forward(tokens[s : s + batch_size, :n], lens)
             for layer in range(n_layers):
                 pat = tr.pattern(layer).float()
+                causal = is_causal(pat) if causal is None else causal
                 st = stats_from_pattern(pat, lengths=lens, **kw)
                 yield LayerStats(layer, torch.arange(s, s + len(lens)), lens, st,
-                                 tr.resid_pre(layer) if resid else None, is_causal(pat))  # fmt: skip
+                                 tr.resid_pre(layer) if resid else None, causal)  # fmt: skip

@@ -251,7 +251,7 @@ def _choose(model: Model, engine: EngineChoice, tokens: Tensor, steps: int, path
     eng = Engine.of(model) if why is None else None
     if eng is not None and eng._embed is None:
         why, eng = "the engine cannot embed new tokens for this model", None
-    sf = StatsForward(model) if choice.path == "stats" and eng is not None else None
+    sf = StatsForward(model, eng) if choice.path == "stats" and eng is not None else None
     gate: dict[str, Any] = {}
     own: Decoded | None = None
     if eng is not None:

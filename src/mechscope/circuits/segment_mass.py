@@ -36,7 +36,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechscope.circuits.attn_path import PATHS, choose_path, layer_stats
+from mechscope.circuits.attn_path import choose_path, layer_stats
 from mechscope.circuits.divergence import Injected, _span
 from mechscope.errors import InputError
 from mechscope.figures import layer_head_heatmap
@@ -142,11 +142,6 @@ def _segments(segment: Any, n: int) -> list[Any]:
     return [(int(s[0]), int(s[1])) if _is_span(s) else s for s in segs]
 
 
-def _batch_size(model: Model, width: int) -> int:
-    per = int(model.cfg.n_layers) * int(model.cfg.n_heads) * width * width * 4
-    return max(1, min(16, (512 << 20) // max(per, 1)))
-
-
 def segment_attention(model: Model, prompts: Prompts, segment: SegmentSpec, *,
                       path: str = "auto", progress: bool = True) -> SegmentAttention:  # fmt: skip
     """How much attention every head puts on ``segment`` of every prompt (module docstring).
@@ -167,9 +162,8 @@ def segment_attention(model: Model, prompts: Prompts, segment: SegmentSpec, *,
             length are named) or empty; a segment that ends at a prompt's last token (no query
             after it); a list of segments whose length is not the number of prompts.
     """
-    if path not in PATHS:
-        raise InputError(f"unknown attention path {path!r}; choose from {', '.join(PATHS)}")
     tokens, lengths = tokenize(model, prompts)
+    choice = choose_path(model, lengths, path)
     n_prompts = int(tokens.shape[0])
     spans: list[Span] = []
     for i, seg in enumerate(_segments(segment, n_prompts)):
@@ -180,7 +174,6 @@ def segment_attention(model: Model, prompts: Prompts, segment: SegmentSpec, *,
                              "no query comes after it to attend to it; end the segment before "
                              "the last token, or add the question after it")  # fmt: skip
         spans.append(span)
-    choice = choose_path(model, lengths, path)
     n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
     mass = torch.zeros(n_prompts, n_layers, n_heads)
     last = torch.zeros(n_prompts, n_layers, n_heads)
@@ -192,8 +185,7 @@ def segment_attention(model: Model, prompts: Prompts, segment: SegmentSpec, *,
         idx = idx[lengths[idx].argsort(descending=True, stable=True)]  # batch similar lengths
         g_tokens, g_lengths = tokens[idx], lengths[idx]
         width = int(g_lengths.max())
-        for ls in layer_stats(model, g_tokens[:, :width], g_lengths, choice, queries=[-1],
-                              segments=[span], batch_size=_batch_size(model, width),
+        for ls in layer_stats(model, g_tokens[:, :width], g_lengths, choice, segments=[span],
                               progress=progress, desc="segment attention"):  # fmt: skip
             seg_mass = ls.stats.segment_mass[..., 0].float().cpu()  # [rows, head, query]
             for b, r in enumerate(ls.rows.tolist()):

@@ -254,11 +254,6 @@ class AttentionSinks(Result):
                 "attention_path": self.attention_path}  # fmt: skip
 
 
-def _batch_size(model: Model, width: int) -> int:
-    per = int(model.cfg.n_layers) * int(model.cfg.n_heads) * width * width * 4
-    return max(1, min(16, (512 << 20) // max(per, 1)))
-
-
 def find_sinks(model: Model, prompts: Prompts, *, threshold: float = 0.1,
                massive_threshold: float = 20.0, min_queries: int = 8, min_frequency: float = 0.01,
                path: str = "auto", progress: bool = True) -> AttentionSinks:  # fmt: skip
@@ -292,8 +287,7 @@ def find_sinks(model: Model, prompts: Prompts, *, threshold: float = 0.1,
     all_strs = [_token_strs(model, row[: int(m)].tolist()) for row, m in zip(tokens, lengths, strict=True)]
     hidden: Counter[str] = Counter()
     causal_seen: bool | None = None
-    for ls in layer_stats(model, tokens, lengths, choice, resid=True, progress=progress, desc="sinks",
-                          batch_size=_batch_size(model, width)):  # fmt: skip
+    for ls in layer_stats(model, tokens, lengths, choice, resid=True, progress=progress, desc="sinks"):
         layer, lens, n = ls.layer, ls.lengths, int(ls.lengths.max())
         strs = [all_strs[int(r)] for r in ls.rows]
         if causal_seen is None:
